@@ -1,0 +1,1 @@
+"""pi0_ros.control."""
