@@ -116,8 +116,9 @@ class Pi0Model(nn.Module):
     # -- precision --------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype of the transformer stacks."""
-        return self.lm.layers[0].self_attn.q_proj.weight.dtype
+        """Activation dtype of the transformer stacks (that of the token embedding table, which
+        no engine-side weight swap such as FP8 linear layers changes)."""
+        return self.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
