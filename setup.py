@@ -11,6 +11,8 @@ setup(
     name=PACKAGE,
     version=VERSION,
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    # The demo's tiny SentencePiece model (pi0_ros/data/README.md) ships with the package.
+    package_data={PACKAGE: ["data/*.model", "data/*.md"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -18,11 +20,15 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
     ],
     python_requires=">=3.10",
-    install_requires=["numpy", "safetensors", "sentencepiece", "pillow", "pyyaml"],
+    # torch is deliberately not listed: pip would pick a multi-GB CUDA build where the robot's
+    # (JetPack, CPU-only, a given CUDA) torch is wanted; the bootstrap installs torch==2.13.0.
+    # rosbags and matplotlib: pi0-ros-replay / pi0-ros-demo read and write bags and plot.
+    install_requires=["numpy", "safetensors", "sentencepiece", "pillow", "pyyaml", "rosbags",
+                      "matplotlib"],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib", "rosbags", "onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
     },
-    zip_safe=True,
+    zip_safe=False,
     maintainer="pi0_ros developers",
     maintainer_email="pi0-ros@example.com",
     description="pi0 / pi0.5 vision-language-action policies on ROS 2",

@@ -20,18 +20,19 @@ import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
+from ros_helpers import WAIT, fresh_domain_id, wait_for  # noqa: E402
+
 from pi0_ros.ros import conversions as conv  # noqa: E402
 from pi0_ros.ros.node import PolicyNode  # noqa: E402
 from pi0_ros.ros.params import EMPTY_ARRAY_TYPES  # noqa: E402
 
-WAIT = 10.0  # s, upper bound of every wait on DDS
 STATE_NAMES = ["j1", "j2", "j3"]
 ACTION_NAMES = ["a1", "a2", "a3"]
 HORIZON = 8
@@ -45,25 +46,6 @@ TRANSITIONS = {
     "inactive_shutdown": Transition.TRANSITION_INACTIVE_SHUTDOWN,
     "active_shutdown": Transition.TRANSITION_ACTIVE_SHUTDOWN,
 }
-
-
-def fresh_domain_id() -> int:
-    """A ROS_DOMAIN_ID unlikely to be used by a test running beside this one."""
-    return 1 + (os.getpid() * 7 + int(time.monotonic() * 1000)) % 200
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: Any = "condition") -> Any:
-    """Poll ``predicate`` (cheap, in-process state) until truthy; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            what = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        event.wait(0.005)
 
 
 @dataclass
@@ -189,18 +171,34 @@ class Harness:
         self.prompt_pub = self.robot.create_publisher(String, f"{ns}/prompt", 10)
         self.change_state = self.robot.create_client(ChangeState, f"{ns}/change_state")
         self.get_state = self.robot.create_client(GetState, f"{ns}/get_state")
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.robot)
-        self._spin = threading.Thread(target=self._spin_forever, daemon=True)
-        self._spin.start()
+        # As in production (pi0_policy_node's main), the node under test has a single-threaded
+        # executor of its own; the robot spins on another thread, so a slow or blocking node
+        # callback cannot hide the robot's traffic and vice versa.
+        self._closing = False
+        self.spin_errors: list[str] = []
+        self.executors = []
+        self._spins = []
+        for node in (self.node, self.robot):
+            executor = SingleThreadedExecutor(context=self.context)
+            executor.add_node(node)
+            thread = threading.Thread(target=self._spin_forever, args=(executor,), daemon=True)
+            thread.start()
+            self.executors.append(executor)
+            self._spins.append(thread)
         assert self.change_state.wait_for_service(timeout_sec=WAIT)
 
-    def _spin_forever(self) -> None:
+    def _spin_forever(self, executor: SingleThreadedExecutor) -> None:
         try:
-            self.executor.spin()
-        except Exception:  # context shut down by close()
-            pass
+            executor.spin()
+        except Exception as exc:  # context shut down by close(), or a callback raised
+            if not self._closing:
+                # Every later wait would time out: keep the cause for check_spinning().
+                self.spin_errors.append(f"{type(exc).__name__}: {exc}")
+                raise
+
+    def check_spinning(self) -> None:
+        """AssertionError with the cause when a callback raised and ended a spin thread."""
+        assert not self.spin_errors, f"an executor stopped spinning: {self.spin_errors}"
 
     def _rec(self, name: str) -> Callable:
         def callback(msg):
@@ -217,7 +215,9 @@ class Harness:
         future = self.change_state.call_async(req)
         done = threading.Event()
         future.add_done_callback(lambda _f: done.set())
-        assert done.wait(timeout), f"change_state {label} did not answer in {timeout} s"
+        if not done.wait(timeout):
+            self.check_spinning()
+            raise AssertionError(f"change_state {label} did not answer in {timeout} s")
         return future.result().success
 
     def transition_async(self, label: str):
@@ -274,11 +274,14 @@ class Harness:
         )
 
     def close(self) -> None:
+        self._closing = True
         try:
             self.node.stop()
         finally:
-            self.executor.shutdown(timeout_sec=WAIT)
+            for executor in self.executors:
+                executor.shutdown(timeout_sec=WAIT)
             self.node.destroy_node()
             self.robot.destroy_node()
             rclpy.try_shutdown(context=self.context)
-            self._spin.join(WAIT)
+            for thread in self._spins:
+                thread.join(WAIT)

@@ -187,7 +187,7 @@ def test_bad_checkpoint_fails_configure_with_a_logged_reason(ckpt, tmp_path):
         assert client.state() == "unconfigured"
         assert client.transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
         p.send_signal(signal.SIGTERM)
-        assert _wait_exit(p, log) == 0
+        assert _wait_exit(p, log) == 0, log.read_text()
         text = log.read_text()
         assert "configure failed" in text and "missing_ckpt" in text, text
     finally:

@@ -13,8 +13,10 @@ Data path (one observation)::
 Lifecycle (ros2/demos ``lifecycle_py/talker.py``): parameters are declared in ``__init__``;
 ``on_configure`` maps them onto a frozen NodeConfig and starts the inference thread, which loads
 the policy and warms it up (a CUDA graph is captured by the thread that replays it), then creates
-the publishers; ``on_activate`` subscribes; ``on_deactivate`` gates publishing at once and makes
-the worker discard the pending and in-flight observations; ``on_cleanup`` stops the thread, whose
+the publishers and the input subscriptions (gated: inputs are dropped on arrival until
+``on_activate``); ``on_activate`` opens the gate with a fresh synchronizer; ``on_deactivate``
+closes it, gates publishing at once and makes the worker discard the pending and in-flight
+observations; ``on_cleanup`` stops the thread, whose
 teardown frees the model. A transition never lets an exception escape: it logs the reason and
 returns FAILURE. Every rejected input is logged (rate-limited per reason) and counted on
 /diagnostics. docs/NODE.md is the user's description.
@@ -31,9 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -48,6 +48,7 @@ from pi0_ros.ros.sync import make_synchronizer
 
 NODE_NAME = "pi0_policy_node"
 LOG_PERIOD = 2.0  # s between two log lines of the same rejection reason
+STALE_HINT_AGE = 60.0  # s; older observations get a use_sim_time hint in the rejection
 WARMUP_IMAGE_SIZE = 224  # px, square black frames used to warm the policy up
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -194,6 +195,7 @@ class PolicyNode(LifecycleNode):
         }
         self._prompt = config.prompt
         self._prompt_sub = self.create_subscription(String, "~/prompt", self._on_prompt, 10)
+        self._create_inputs(config)
         self.destroy_timer(self._diag_timer)
         self._diag_timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics)
 
@@ -248,17 +250,18 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(f"activate failed: {type(exc).__name__}: {exc}")
             self._deactivate()
             return FAILURE
-        self.get_logger().info("active: subscribed to inputs, inference running")
+        self.get_logger().info("active: inputs accepted, inference running")
         return super().on_activate(state)
 
     def _activate(self) -> None:
         config = self.config
         assert config is not None and self._worker is not None
         n = len(config.cameras) + 1
-        self._sync = make_synchronizer(n, config.sync_queue_size, config.sync_slop)
-        self._sync.register_callback(self._on_synchronized)
+        sync = make_synchronizer(n, config.sync_queue_size, config.sync_slop)
+        sync.register_callback(self._on_synchronized)
         now = time.monotonic()
         with self._lock:
+            self._sync = sync
             self._epoch += 1
             self._last_stamp = [-1] * n
             self._last_receipt = [now] * n
@@ -267,6 +270,18 @@ class PolicyNode(LifecycleNode):
             self._last_set_stamp = -1
             self._last_submit = -float("inf")
             self._active = True
+
+    def _create_inputs(self, config: NodeConfig) -> None:
+        """Input subscriptions and the silence watchdog, created once per configure.
+
+        They live until cleanup and are gated by ``_active`` (inputs are dropped on arrival
+        while inactive), like lifecycle publishers. Keeping them matched across
+        deactivate/activate means no rediscovery on activate and no entity destruction in the
+        frequent transitions: rclpy's MultiThreadedExecutor can raise InvalidHandle while
+        another of its threads builds a wait set with a subscription that is being destroyed
+        (ros2/rclpy#1206), which would end the spin of a node composed that way.
+        """
+        n = len(config.cameras) + 1
         qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=config.input_depth,
@@ -298,17 +313,11 @@ class PolicyNode(LifecycleNode):
         with self._lock:  # after this no result is published (see _on_result)
             self._active = False
             self._epoch += 1
+            self._sync = None
         if self._worker is not None:
             # The pending observation is dropped and the in-flight result is never delivered;
             # the model stays loaded on its thread for the next activate.
             self._worker.discard_pending()
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
-        if self._watchdog is not None:
-            self.destroy_timer(self._watchdog)
-            self._watchdog = None
-        self._sync = None
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
@@ -334,6 +343,12 @@ class PolicyNode(LifecycleNode):
         if self._prompt_sub is not None:
             self.destroy_subscription(self._prompt_sub)
             self._prompt_sub = None
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        if self._watchdog is not None:
+            self.destroy_timer(self._watchdog)
+            self._watchdog = None
         self.config = None
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -359,6 +374,14 @@ class PolicyNode(LifecycleNode):
         """Stop the worker and free the model whatever the state (used by main on exit)."""
         self._deactivate()
         self._release()
+
+    def destroy_node(self) -> None:
+        """Also stops the inference thread: a destroyed node leaves no thread or model behind."""
+        try:
+            self.stop()
+        except Exception as exc:  # destroying must not fail half-way
+            self.get_logger().error(f"stopping before destroy: {type(exc).__name__}: {exc}")
+        super().destroy_node()
 
     # --------------------------------------------------------------------------------------
     # inputs
@@ -446,9 +469,13 @@ class PolicyNode(LifecycleNode):
             return
         age = (self.get_clock().now().nanoseconds - stamp) / 1e9
         if age > config.max_input_age:
+            hint = ""
+            if age > STALE_HINT_AGE:
+                hint = (" (stamps far in the past: a recorded bag? run the node with "
+                        "use_sim_time:=true and play the bag with /clock)")
             self._reject(
                 "stale_input",
-                f"observation is {age:.3f} s old > max_input_age {config.max_input_age} s",
+                f"observation is {age:.3f} s old > max_input_age {config.max_input_age} s{hint}",
             )
             return
         frames: tuple[Frame, ...] = msgs[:-1]
@@ -545,9 +572,9 @@ class PolicyNode(LifecycleNode):
                 return
             self._sequence += 1
             chunk.sequence = self._sequence
-            self._pubs["chunk"].publish(chunk)
-            self._pubs["trajectory"].publish(trajectory)
-            self._pubs["planned"].publish(planned)
+            if not self._publish(("chunk", chunk), ("trajectory", trajectory),
+                                 ("planned", planned)):
+                return
         self._latency.add(latency)
         self._output_rate.tick(now)
         text = viz.status_text(latency, self._output_rate.rate(now), chunk.sequence)
@@ -560,7 +587,22 @@ class PolicyNode(LifecycleNode):
         )
         with self._lock:
             if self._active and self._pubs:
-                self._pubs["markers"].publish(markers)
+                self._publish(("markers", markers))
+
+    def _publish(self, *outputs: tuple[str, Any]) -> bool:
+        """Publish (key, message) pairs; False, quietly, when the process is shutting down.
+
+        SIGINT / SIGTERM shut the context down at once (rclpy's signal handler), before main()
+        stops the inference thread: a result finished in that window must not end in a
+        traceback. Any other publishing error propagates (counted as publish_error)."""
+        try:
+            for key, msg in outputs:
+                self._pubs[key].publish(msg)
+        except Exception:
+            if self.context.ok():
+                raise
+            return False
+        return True
 
     def _on_error(self, exc: BaseException, info: Any = None) -> None:
         """Worker thread: the policy (or publishing) raised; the worker keeps serving."""
@@ -642,6 +684,8 @@ class PolicyNode(LifecycleNode):
         return DiagnosticStatus.OK, state, values
 
     def _publish_diagnostics(self) -> None:
+        if not self.context.ok():  # shutting down (SIGINT / SIGTERM)
+            return
         level, message, values = self.diagnostics()
         self._diag_pub.publish(
             viz.diagnostics_message(
@@ -775,38 +819,12 @@ def _empty_cuda_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pi0_policy_node``.
+    """Entry point of ``pi0_policy_node``:
+    ``python -m pi0_ros.ros.node [--autostart] --ros-args --params-file F -p checkpoint:=DIR``
+    (``ros.runner``: --autostart, clean exit on SIGINT / SIGTERM from any state)."""
+    from pi0_ros.ros.runner import run_lifecycle_node
 
-    ``python -m pi0_ros.ros.node [--autostart] --ros-args --params-file F -p checkpoint:=DIR``.
-    ``--autostart`` configures and activates the node itself (for setups without
-    ``ros2 lifecycle`` or launch); a failed configure leaves it unconfigured and serving its
-    lifecycle services. SIGINT / SIGTERM end it cleanly from any state.
-    """
-    import argparse
-    import sys
-
-    from rclpy.utilities import remove_ros_args
-
-    args = sys.argv if argv is None else argv
-    parser = argparse.ArgumentParser(prog=NODE_NAME, description="pi0 / pi0.5 policy node")
-    parser.add_argument("--autostart", action="store_true", help="configure and activate")
-    options = parser.parse_args(remove_ros_args(args)[1:])
-    rclpy.init(args=args)
-    node = PolicyNode()
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        if options.autostart and node.trigger_configure() == SUCCESS:
-            node.trigger_activate()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.stop()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_lifecycle_node(PolicyNode, NODE_NAME, "pi0 / pi0.5 policy node", argv)
 
 
 if __name__ == "__main__":
