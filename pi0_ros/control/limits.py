@@ -8,11 +8,16 @@ so ``v_k = (q_k - q_{k-1}) / T`` and ``a_k = (v_k - v_{k-1}) / T`` are exactly t
 differences of consecutive commands, and each step bounds them by construction:
 
 - ``|v_k| <= vmax``, and ``|v_k - v_{k-1}| <= amax T`` (so ``|a_k| <= amax``);
-- braking: ``v_k`` never exceeds what amax can stop before a position limit. With R the room
-  left, the distance of stopping from v in steps of amax T is at most
-  ``v^2 / (2 amax) + v T / 2 + amax T^2 / 8``, whence ``v <= (sqrt(8 amax R) - amax T) / 2``;
-  this bound is invariant (braking at amax keeps satisfying it), so the final position clamp
-  never has to act from a state that satisfied it, and the velocity is 0 at a limit;
+- braking: ``v_k`` never exceeds what amax can stop before a position limit, whatever the
+  lengths of the ticks to come. With R the room left before the step, the command must keep
+  ``v_k^2 / (2 amax) <= R - v_k T`` (after moving ``v_k T`` it can still stop, and stopping
+  in ticks of any length never takes more than ``v^2 / 2 amax``), whence
+  ``v_k <= sqrt(amax^2 T^2 + 2 amax R) - amax T``. The bound is invariant for any sequence of
+  tick lengths (braking at amax from a state that meets it meets it again: with
+  ``v' = v - amax T'``, ``v'^2 / 2 amax + v' T' = v^2 / 2 amax - amax T'^2 / 2``), so the
+  final position clamp never has to act from a state that met it, the acceleration bound is
+  never overruled by braking (jittered or late ticks included), and the velocity is 0 at a
+  limit;
 - tracking: ``v_des = v_ref + u`` with the position error ``e = q_ref - q_{k-1} - T v_ref``
   corrected deadbeat (``u = e / T``) when ``|e| < 2 alpha T^2`` and along the braking curve
   ``u = sign(e) sqrt(2 alpha |e|)`` beyond (alpha = ``TRACK_DECEL`` * amax), so a feasible
@@ -48,13 +53,13 @@ class RateLimiter:
         self.vmax = np.asarray(velocity_max, dtype=np.float64)
         self.amax = np.asarray(acceleration_max, dtype=np.float64)
         self._alpha2 = 2.0 * TRACK_DECEL * self.amax
-        self._amax8 = 8.0 * self.amax
+        self._amax2 = 2.0 * self.amax
         self._lo, self._hi = self.lo.tolist(), self.hi.tolist()
         # Beyond this distance from a limit the braking bound exceeds vmax for any tick up to
-        # ZONE_PERIOD (it needs vmax^2 / 2a + vmax T / 2 + a T^2 / 8), and one tick (vmax T)
-        # cannot reach the limit: no braking terms needed there.
+        # ZONE_PERIOD (it needs vmax^2 / 2a + vmax T), and one tick (vmax T) cannot reach the
+        # limit: no braking terms needed there.
         tz = ZONE_PERIOD
-        zone = self.vmax**2 / (2 * self.amax) + 1.5 * self.vmax * tz + self.amax * tz**2 / 8
+        zone = self.vmax**2 / (2 * self.amax) + 2.0 * self.vmax * tz
         self._lo_zone, self._hi_zone = (self.lo + zone).tolist(), (self.hi - zone).tolist()
         self._free = list(zip(self._lo_zone, self._hi_zone, self.vmax.tolist(),
                               self.amax.tolist(), self._alpha2.tolist()))
@@ -117,8 +122,9 @@ class RateLimiter:
         lower, upper = v_prev - at, v_prev + at
         near = t > ZONE_PERIOD or self._outside(q, self._lo_zone, self._hi_zone)
         if near:
-            brake_hi = 0.5 * (np.sqrt(self._amax8 * np.maximum(self.hi - q, 0.0)) - at)
-            brake_lo = 0.5 * (np.sqrt(self._amax8 * np.maximum(q - self.lo, 0.0)) - at)
+            at2 = at * at
+            brake_hi = np.sqrt(at2 + self._amax2 * np.maximum(self.hi - q, 0.0)) - at
+            brake_lo = np.sqrt(at2 + self._amax2 * np.maximum(q - self.lo, 0.0)) - at
             lower = np.maximum(lower, -np.maximum(brake_lo, 0.0))
             upper = np.maximum(np.minimum(upper, np.maximum(brake_hi, 0.0)), lower)
         np.maximum(v, lower, out=v)

@@ -151,6 +151,7 @@ class ExecutorNode(LifecycleNode):
         self.period_errors: list[float] = []  # s, |actual - ideal| tick time, bounded
         self.missed_ticks = 0
         self.tick_errors = 0
+        self.ticks_published = 0
         self._holding = True
         self.ticks = 0
 
@@ -169,7 +170,6 @@ class ExecutorNode(LifecycleNode):
     def _configure(self):
         cfg = config_from_node(self)
         self.config = cfg
-        self.executor_core = StreamingExecutor(cfg.executor, 1.0 / cfg.control_rate)
         self._pubs = {}
         if "joint_state" in cfg.outputs:
             self._pubs["joint_state"] = self.create_lifecycle_publisher(
@@ -235,8 +235,7 @@ class ExecutorNode(LifecycleNode):
 
     def stop(self) -> None:
         """Stop the control thread whatever the state (main() on exit, destroy_node)."""
-        self._active = False
-        self.stop_control_thread()
+        self._deactivate()
 
     def destroy_node(self) -> None:
         """Also stops the control thread: a destroyed node leaves no thread behind."""
@@ -372,6 +371,7 @@ class ExecutorNode(LifecycleNode):
                 pub = self._pubs.get(key)
                 if pub is not None:
                     pub.publish(msg)
+            self.ticks_published += 1
         except Exception:
             if self.context.ok():
                 raise

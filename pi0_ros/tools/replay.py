@@ -308,11 +308,11 @@ class OfflineReplay:
     """Feeds bag messages (in log-time order) through the live node's pipeline on bag time.
 
     ``policy`` needs ``infer(obs, noise=...)`` and ``settings`` (horizon / model action dim);
-    ``executor`` is an :class:`ExecutorAdapter` or None.
+    ``executor`` is a :class:`ControlExecutor` or None.
     """
 
     def __init__(
-        self, config: Any, policy: Any, *, seed: int, executor: ExecutorAdapter | None,
+        self, config: Any, policy: Any, *, seed: int, executor: ControlExecutor | None,
         latency: float = 0.0, writer: BagWriter | None = None, store: Any = None,
         node_name: str = DEFAULT_NODE, model_name: str = "", progress: Callable | None = None,
     ) -> None:
@@ -509,8 +509,7 @@ class OfflineReplay:
 
     def _tick(self, t: int) -> None:
         assert self.executor is not None
-        state = self.result.states[-1] if self.result.states else None
-        command = self.executor.tick(t, state)
+        command = self.executor.tick(t)
         if command is not None:
             self.result.command_times.append(t)
             self.result.commands.append(np.asarray(command.position, np.float64))
@@ -555,34 +554,7 @@ class OfflineReplay:
 # executor
 
 
-class ExecutorAdapter:
-    """The executor seen by the offline replay: chunks in, one command per control tick out.
-
-    ``add_chunk(rec, config, state)`` is called when a chunk arrives (bag time
-    ``rec.arrival_ns``), ``tick(t, state)`` at every control tick from ``next_tick()`` on, with
-    the last recorded joint state (``config.state_joint_names`` order) or None; ``messages``
-    turns a command into what the live executor node publishes.
-    """
-
-    name = "executor"
-
-    def add_chunk(self, rec: ChunkRecord, config: Any, state: np.ndarray | None) -> None:
-        raise NotImplementedError
-
-    def next_tick(self) -> int | None:
-        raise NotImplementedError
-
-    def tick(self, t: int, state: np.ndarray | None) -> np.ndarray | None:
-        raise NotImplementedError
-
-    def messages(self, t: int, command: Any) -> list[tuple[str, str, Any]]:
-        raise NotImplementedError
-
-    def events(self) -> Mapping[str, int]:
-        raise NotImplementedError
-
-
-class ControlExecutor(ExecutorAdapter):
+class ControlExecutor:
     """``pi0_ros.control.StreamingExecutor`` on bag time, configured exactly as the live
     ``pi0_executor_node`` (its parameter mapping and its message builder).
 
@@ -652,7 +624,7 @@ class ControlExecutor(ExecutorAdapter):
     def next_tick(self) -> int | None:
         return self._next
 
-    def tick(self, t: int, state: np.ndarray | None) -> Any:
+    def tick(self, t: int) -> Any:
         assert self._next is not None
         self._next = t + self.period
         cmd = self.core.tick(self._seconds(t))
@@ -696,7 +668,7 @@ def executor_config(params: Mapping[str, Any], config: Any) -> Any:
         raise ReplayError(f"executor parameters: {exc}") from exc
 
 
-def make_executor(params: Mapping[str, Any], config: Any, node: str) -> ExecutorAdapter:
+def make_executor(params: Mapping[str, Any], config: Any, node: str) -> ControlExecutor:
     """The executor of ``pi0_ros.control`` configured from the executor node's parameters."""
     return ControlExecutor(executor_config(params, config), config.state_joint_names, node)
 
