@@ -24,9 +24,9 @@ setup(
     # (JetPack, CPU-only, a given CUDA) torch is wanted; the bootstrap installs torch==2.13.0.
     # rosbags and matplotlib: pi0-ros-replay / pi0-ros-demo read and write bags and plot.
     install_requires=["numpy", "safetensors", "sentencepiece", "pillow", "pyyaml", "rosbags",
-                      "matplotlib"],
+                      "matplotlib", "ruckig", "opencv-python-headless", "websockets", "msgpack"],
     extras_require={
-        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "transformers", "protobuf"],
     },
     zip_safe=False,
     maintainer="pi0_ros developers",
@@ -41,6 +41,7 @@ setup(
             "pi0-ros-export = pi0_ros.tools.export:main",
             "pi0-ros-demo = pi0_ros.tools.demo:main",
             "pi0-ros-plot-executor = pi0_ros.tools.plot_executor:main",
+            "pi0-ros-serve = pi0_ros.tools.serve:main",
             "pi0_policy_node = pi0_ros.ros.node:main",
             "pi0_executor_node = pi0_ros.ros.executor_node:main",
         ],

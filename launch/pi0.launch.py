@@ -17,6 +17,10 @@ the policy is active (set ``use_sim_time:=true`` so the nodes run on the bag's c
 ``urdf:=FILE`` starts a second robot_state_publisher on the planned joint state (frame prefix
 ``planned/``) for the translucent ghost robot of ``config/pi0_ros.rviz``.
 
+A relative ``params_file`` / ``executor_params_file`` / ``rviz_config`` / ``urdf`` is looked up in
+the current directory, then in the package's share directory (``config/droid_policy.yaml`` works
+from anywhere once installed); a file found in neither is refused at launch time.
+
 All node logic is in ``launch_setup`` / ``make_actions``, which turn resolved argument strings into
 actions, so tests can build every argument combination.
 """
@@ -43,10 +47,15 @@ from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
 from lifecycle_msgs.msg import Transition
 
+from pi0_ros.pipeline.config import BACKEND_CHOICES, DTYPES
+
 PACKAGE = "pi0_ros"
 POLICY_NODE = "pi0_policy_node"
 EXECUTOR_NODE = "pi0_executor_node"
-BACKENDS = ("", "auto", "eager", "cuda_graph", "fp8", "tensorrt")
+# Backend and numeric-format names come from the engine registry (pi0_ros/engine/registry.py),
+# as the node's parameters do: a value accepted here is one the engine can build.
+BACKENDS = ("", *BACKEND_CHOICES)
+FORMATS = ("", *DTYPES)
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
 
@@ -65,6 +74,20 @@ def _config(name: str) -> str:
     return str(share_dir() / "config" / name)
 
 
+def resolve_file(value: str, arg: str) -> str:
+    """A file named by launch argument ``arg``: as given when it exists (relative to the current
+    directory), else relative to the package's share directory (``config/droid_policy.yaml``
+    works from any directory once installed), else a ValueError naming both places."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return str(path.resolve())
+    shared = share_dir() / value
+    if not path.is_absolute() and shared.is_file():
+        return str(shared)
+    where = f"{path.resolve()}" + ("" if path.is_absolute() else f" nor {shared}")
+    raise ValueError(f"launch argument {arg}:={value!r}: no such file ({where})")
+
+
 # name -> (default, description)
 ARGUMENTS: dict[str, tuple[str, str]] = {
     "params_file": (_config("policy_node.yaml"), "policy node ros-args parameter file"),
@@ -72,6 +95,8 @@ ARGUMENTS: dict[str, tuple[str, str]] = {
                              "overlaid with params_file (its pi0_executor_node section, if any)"),
     "checkpoint": ("", "checkpoint directory; '' = the params file's `checkpoint`"),
     "backend": ("", f"inference backend {BACKENDS[1:]}; '' = the params file's model.backend"),
+    "dtype": ("", f"numeric format {FORMATS[1:]}; '' = the params file's model.dtype"),
+    "engine_dir": ("", "TensorRT engine directory (backend tensorrt); '' = the params file's"),
     "prompt": ("", "language instruction; '' = the params file's `prompt`"),
     "namespace": ("", "namespace of both nodes"),
     "use_sim_time": ("false", "run the nodes on /clock (true when playing a bag)"),
@@ -154,14 +179,20 @@ def make_actions(cfg: dict[str, str], *, autostart_supported: bool | None = None
     cfg = {**{k: d for k, (d, _) in ARGUMENTS.items()}, **cfg}
     if cfg["backend"] not in BACKENDS:
         raise ValueError(f"launch argument backend:={cfg['backend']!r}: one of {BACKENDS[1:]}")
+    if cfg["dtype"] not in FORMATS:
+        raise ValueError(f"launch argument dtype:={cfg['dtype']!r}: one of {FORMATS[1:]}")
     sim_time, autostart = _bool(cfg, "use_sim_time"), _bool(cfg, "autostart")
     if autostart_supported is None:
         autostart_supported = supports_autostart()
     overrides: dict[str, object] = {"use_sim_time": sim_time}
     for arg, param in (("checkpoint", "checkpoint"), ("backend", "model.backend"),
+                       ("dtype", "model.dtype"), ("engine_dir", "tensorrt.engine_dir"),
                        ("prompt", "prompt")):
         if cfg[arg]:
             overrides[param] = cfg[arg]
+    for arg in ("params_file", "executor_params_file", "rviz_config", "urdf"):
+        if cfg[arg] and (arg != "rviz_config" or _bool(cfg, "rviz")):
+            cfg[arg] = resolve_file(cfg[arg], arg)
     ns = cfg["namespace"]
     ros_args = ["--log-level", cfg["log_level"]]
     extra = {"autostart": True} if autostart and autostart_supported else {}
@@ -206,12 +237,28 @@ def make_actions(cfg: dict[str, str], *, autostart_supported: bool | None = None
 
 def executor_parameters(cfg: dict[str, str], sim_time: bool) -> list:
     """The executor's parameter sources: an explicit file, or the documented defaults of
-    config/executor.yaml overlaid with params_file, so a robot file such as
-    config/droid_policy.yaml configures both nodes (later sources win; nodes ignore sections
-    that are not theirs)."""
-    files = ([cfg["executor_params_file"]] if cfg["executor_params_file"]
-             else [_config("executor.yaml"), cfg["params_file"]])
-    return [*files, {"use_sim_time": sim_time}]
+    config/executor.yaml overlaid with the ``pi0_executor_node`` section of params_file (if it
+    has one), so a robot file such as config/droid_policy.yaml configures both nodes. Only that
+    section: the file's ``/**`` parameters are the policy node's (config/policy_node.yaml) and
+    would be undeclared parameters of the executor."""
+    if cfg["executor_params_file"]:
+        return [cfg["executor_params_file"], {"use_sim_time": sim_time}]
+    section = node_section(cfg["params_file"], EXECUTOR_NODE)
+    return [_config("executor.yaml"), *([section] if section else []),
+            {"use_sim_time": sim_time}]
+
+
+def node_section(path: str, node: str) -> dict:
+    """The ``ros__parameters`` of ``node``'s own sections of a parameter file (keys ``node``,
+    ``/node``, ``/ns/node``, ``/**/node``; not ``/**``), merged in file order."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    out: dict = {}
+    for key, section in doc.items() if isinstance(doc, dict) else ():
+        if str(key).rstrip("/").split("/")[-1] == node and isinstance(section, dict):
+            out.update(section.get("ros__parameters") or {})
+    return out
 
 
 def bag_player(bag: str, rate: str, loop: bool) -> ExecuteProcess:

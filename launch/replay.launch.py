@@ -33,7 +33,8 @@ ARGUMENTS: dict[str, tuple[str | None, str]] = {
     "params_file": ("", "policy node parameter file; '' = pi0.launch.py's default"),
     "executor_params_file": ("", "executor parameter file; '' = pi0.launch.py's default"),
     "checkpoint": ("", "checkpoint directory; '' = the params file's"),
-    "backend": ("", "inference backend; '' = the params file's"),
+    "backend": ("", "inference backend (engine registry); '' = the params file's"),
+    "dtype": ("", "numeric format (engine registry); '' = the params file's"),
     "rviz": ("false", "start rviz2"),
     "urdf": ("", "URDF for the ghost robot in rviz"),
 }
@@ -79,7 +80,7 @@ def make_actions(cfg: dict[str, str]) -> list:
     forwarded = {
         "bag": cfg["bag"], "rate": cfg["rate"], "loop": cfg["loop"], "use_sim_time": "true",
         "rviz": cfg["rviz"], "urdf": cfg["urdf"], "checkpoint": cfg["checkpoint"],
-        "backend": cfg["backend"],
+        "backend": cfg["backend"], "dtype": cfg["dtype"],
     }
     for name in ("params_file", "executor_params_file"):
         if cfg[name]:

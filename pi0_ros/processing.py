@@ -4,8 +4,7 @@ Everything here reproduces openpi's policy-side transforms (commit ``15a9616a``;
 ``docs/SEMANTICS.md`` of the reference data, sections 1-4) and is checked value by value against
 the ``openpi_preprocess`` fixture:
 
-* ``resize_with_pad``  <- ``openpi_client.image_tools.resize_with_pad`` (PIL, uint8 in / out)
-* ``image_to_model``   <- ``models.model.Observation.from_dict`` (``u8 / 255 * 2 - 1``, float32)
+* images: ``pi0_ros.images`` (resize-with-pad, uint8 -> [-1, 1]; re-exported here)
 * ``PromptTokenizer``  <- ``models.tokenizer.PaligemmaTokenizer.tokenize`` (pi0 / pi0.5 formats)
 * ``discretize_state`` <- the ``np.digitize`` line of that tokenizer
 * ``Normalizer``       <- ``transforms.Normalize`` / ``transforms.Unnormalize``
@@ -14,7 +13,12 @@ the ``openpi_preprocess`` fixture:
 * ``check_image`` / ``check_state`` / ``resolve_prompt``: input validation with errors that name
   the field, what was expected and what was found; ``InjectDefaultPrompt`` semantics.
 
-Pure numpy / Pillow / sentencepiece; no torch, no rclpy.
+numpy / Pillow / sentencepiece; torch only for the fast resize, ``prepare_image_tensor`` and
+``set_torch_threads`` (imported on first use); no rclpy.
+
+Size (~650 lines, over the house's ~600): the prompt, state and normalization transforms with
+their validation, each a short function checked value by value against the fixture; images are
+in images.py, checkpoint side files in model/assets.py.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from .images import (  # noqa: F401  (re-exported: the image half of the transforms)
+    DEFAULT_RESIZE,
+    RESIZE_METHODS,
+    UINT8_TO_FLOAT_LUT,
+    PreparedImage,
+    check_image,
+    check_resize,
+    image_to_model,
+    prepare_image,
+    prepare_image_tensor,
+    resize_geometry,
+    resize_with_pad,
+    set_torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,142 +62,15 @@ LEROBOT_IMAGE_PREFIX = "observation.images."
 # float64 edges (-1 + k/128, k = 0..255).  (openpi `models/tokenizer.py`)
 STATE_BIN_EDGES: np.ndarray = np.linspace(-1.0, 1.0, 256 + 1)[:-1]  # (256,) float64
 
-# uint8 -> float32 in [-1, 1]; openpi: `image.to(float32) / 255.0 * 2.0 - 1.0` (float32 ops).
-# A lookup table gives the same bits (each entry is that float32 expression) and is ~10x faster.
-UINT8_TO_FLOAT_LUT: np.ndarray = (
-    np.arange(256, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
-)  # (256,) float32
-UINT8_TO_FLOAT_LUT.flags.writeable = False
-
-TOKENIZER_FILENAMES: tuple[str, ...] = ("tokenizer.model", "paligemma_tokenizer.model")
 NORM_STATS_FILENAME = "norm_stats.json"
 NORM_EPS = 1e-6  # openpi's `+ 1e-6` in every normalization formula (SEMANTICS section 4)
 
 NORM_MODES = ("quantile", "zscore", "identity")
-_LEROBOT_MODES = {"QUANTILES": "quantile", "MEAN_STD": "zscore", "IDENTITY": "identity"}
-_LEROBOT_KEYS = {"STATE": "state", "ACTION": "actions"}
 
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-
-
-def resize_geometry(in_h: int, in_w: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left) of openpi's resize-with-pad for an ``in_h x in_w`` image.
-
-    Same float expressions as ``image_tools._resize_with_pad_pil`` (truncation, not rounding;
-    the odd padding pixel goes to the bottom / right).
-    """
-    ratio = max(in_w / width, in_h / height)
-    new_h, new_w = int(in_h / ratio), int(in_w / ratio)
-    if new_h < 1 or new_w < 1:
-        raise ValueError(
-            f"image {in_h}x{in_w}: aspect ratio too extreme to resize-with-pad into "
-            f"{height}x{width} (would be {new_h}x{new_w})"
-        )
-    top, left = max(0, int((height - new_h) / 2)), max(0, int((width - new_w) / 2))
-    return new_h, new_w, top, left
-
-
-def _pil_resize(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
-    """PIL bilinear resize of a uint8 HWC RGB array (antialiased when shrinking).
-
-    Done as two one-axis resizes, horizontal then vertical.  Pillow resamples separably and
-    rounds to uint8 between the passes, so the pass order changes results by 1 level.  Pillow
-    <= 12 (openpi's fixture: 11.2.1) always runs horizontal first; Pillow 13 picks the order
-    itself (vertical first for e.g. a 301x97 -> 224x72 shrink, 11134 pixels off by 1).  Two
-    explicit passes give Pillow <= 12's bytes on every version, at the same cost.
-    """
-    pil = Image.fromarray(image)
-    in_h, in_w = image.shape[:2]
-    if new_w != in_w:
-        pil = pil.resize((new_w, in_h), resample=Image.BILINEAR)
-    if new_h != in_h:
-        pil = pil.resize((new_w, new_h), resample=Image.BILINEAR)
-    return np.asarray(pil)  # (new_h, new_w, 3) uint8
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` -> uint8 ``[height, width, 3]``: openpi's resize-with-pad.
-
-    Already that size: returned unchanged (the same object, as openpi does).  Otherwise the
-    aspect-preserving PIL ``BILINEAR`` resize pasted on a black canvas; bit-identical to
-    ``openpi_client.image_tools.resize_with_pad`` (PIL's own fixed-point resampler is used).
-    """
-    image = check_image("image", image)
-    in_h, in_w = image.shape[:2]
-    if (in_h, in_w) == (height, width):
-        return image
-    new_h, new_w, top, left = resize_geometry(in_h, in_w, height, width)
-    canvas = np.zeros((height, width, 3), dtype=np.uint8)
-    canvas[top : top + new_h, left : left + new_w] = _pil_resize(image, new_h, new_w)
-    return canvas
-
-
-def image_to_model(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 ``[S, S, 3]`` -> float32 ``[3, S, S]`` in [-1, 1], bit-identical to openpi.
-
-    ``out``: optional preallocated float32 ``[3, S, S]`` buffer written in place (C-contiguous).
-    """
-    image = check_image("image", image)
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1))  # (3, S, S) uint8: cheap byte copy
-    if out is None:
-        return UINT8_TO_FLOAT_LUT[chw]
-    np.take(UINT8_TO_FLOAT_LUT, chw, out=out)
-    return out
-
-
-def prepare_image(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 HWC RGB camera image -> model float32 ``[3, size, size]`` (resize-with-pad + convert).
-
-    Same values as ``image_to_model(resize_with_pad(image, size, size))`` without the canvas:
-    the padding is written directly as ``-1.0`` (= black) and the resized pixels through the LUT.
-    Thread-safe (PIL releases the GIL while resampling), so cameras can be prepared in parallel
-    or as they arrive.
-    """
-    image = check_image("image", image)
-    if out is None:
-        out = np.empty((3, size, size), dtype=np.float32)
-    in_h, in_w = image.shape[:2]
-    if (in_h, in_w) == (size, size):
-        return image_to_model(image, out=out)
-    new_h, new_w, top, left = resize_geometry(in_h, in_w, size, size)
-    resized_chw = np.ascontiguousarray(_pil_resize(image, new_h, new_w).transpose(2, 0, 1))
-    if (new_h, new_w) == (size, size):
-        np.take(UINT8_TO_FLOAT_LUT, resized_chw, out=out)
-    else:
-        out.fill(UINT8_TO_FLOAT_LUT[0])  # black padding
-        region = out[:, top : top + new_h, left : left + new_w]  # (3, new_h, new_w) view
-        np.take(UINT8_TO_FLOAT_LUT, resized_chw, out=region)
-    return out  # (3, size, size) float32
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PreparedImage:
-    """A camera image already through ``prepare_image``: float32 ``[3, S, S]`` in [-1, 1].
-
-    Lets a caller resize each camera as it arrives (e.g. in its ROS callback) so that only a copy
-    remains on the observation's critical path; ``CameraMapping.assemble`` accepts it in place of
-    the uint8 image.  Same values as preparing inside ``assemble``.
-    """
-
-    data: np.ndarray
-
-    def __post_init__(self) -> None:
-        d = self.data
-        if (not isinstance(d, np.ndarray) or d.dtype != np.float32 or d.ndim != 3
-                or d.shape[0] != 3 or d.shape[1] != d.shape[2]):
-            found = f"{d.dtype} {list(d.shape)}" if isinstance(d, np.ndarray) else type(d)
-            raise ValueError(f"PreparedImage.data: expected float32 [3, S, S], found {found}")
-
-    @classmethod
-    def from_uint8(cls, image: np.ndarray, size: int, name: str = "image") -> PreparedImage:
-        return cls(prepare_image(check_image(name, image), size))
-
-    @property
-    def size(self) -> int:
-        return int(self.data.shape[1])
+# Whose formulas a Normalizer applies (``Normalizer.semantics``): openpi's (float64, ``+ 1e-6``)
+# or LeRobot's ``NormalizerProcessorStep`` (float32, ``eps`` 1e-8).
+SEMANTICS = ("openpi", "lerobot")
+LEROBOT_NORM_EPS = np.float32(1e-8)  # LeRobot's `eps` (the normalizer steps' default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,12 +117,16 @@ class CameraMapping:
         size: int,
         out: np.ndarray | None = None,
         executor: Executor | None = None,
+        *,
+        resize: str = DEFAULT_RESIZE,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Images float32 ``[N, 3, size, size]`` and masks bool ``[N]`` in slot order.
 
-        Each camera: a uint8 HWC RGB image or a ``PreparedImage``.  ``executor``: optional
-        thread pool to resize cameras in parallel (PIL releases the GIL).
+        Each camera: a uint8 HWC RGB image (resized with ``resize``) or a ``PreparedImage``.
+        ``executor``: optional thread pool to resize cameras in parallel (the resizers release
+        the GIL).
         """
+        check_resize(resize)
         n = len(self.slots)
         if out is None:
             out = np.empty((n, 3, size, size), dtype=np.float32)
@@ -252,13 +146,16 @@ class CameraMapping:
                 if image.size != size:
                     raise ValueError(f"camera {key!r}: prepared at {image.size}x{image.size}, "
                                      f"the model needs {size}x{size}")
+                if image.resize not in (None, resize):
+                    raise ValueError(f"camera {key!r}: prepared with resize={image.resize!r}, "
+                                     f"the preprocessor uses resize={resize!r}")
                 out[i] = image.data
                 continue
             image = check_image(key, image)
             if executor is None:
-                prepare_image(image, size, out=out[i])
+                prepare_image(image, size, out=out[i], resize=resize)
             else:
-                jobs.append(executor.submit(prepare_image, image, size, out[i]))
+                jobs.append(executor.submit(prepare_image, image, size, out[i], resize=resize))
         for job in jobs:
             job.result()
         return out, masks
@@ -282,7 +179,8 @@ class Preprocessor:
     (``prompt_key``, or ``default_prompt``) when the tokenizer has ``discrete_state`` ->
     zero-padded to ``model_action_dim``; cameras -> resize-with-pad -> float32 [-1, 1] in slot
     order.  Used by ``Policy.preprocess`` and the host benchmark; needs no model.
-    ``image_threads`` > 1 resizes the cameras on a thread pool.
+    ``image_threads`` > 1 resizes the cameras on a thread pool.  ``resize``: one of
+    ``RESIZE_METHODS`` ("fast": within 1 level of openpi's pixels; "pillow": openpi's bytes).
     """
 
     normalizer: Normalizer
@@ -295,8 +193,10 @@ class Preprocessor:
     prompt_key: str = "prompt"
     default_prompt: str | None = None
     image_threads: int = 1
+    resize: str = DEFAULT_RESIZE
 
     def __post_init__(self) -> None:
+        check_resize(self.resize, "Preprocessor.resize")
         for name in ("image_size", "model_action_dim", "image_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -317,7 +217,8 @@ class Preprocessor:
         raw_state = check_state(self.state_key, obs.get(self.state_key), self.state_dim)
         state = self.normalizer.normalize(raw_state, "state")  # (D,) float64 as openpi
         prompt = resolve_prompt(obs.get(self.prompt_key), self.default_prompt, self.prompt_key)
-        images, masks = self.cameras.assemble(obs, self.image_size, executor=self._pool)
+        images, masks = self.cameras.assemble(obs, self.image_size, executor=self._pool,
+                                              resize=self.resize)
         discrete = self.tokenizer.discrete_state
         ids, token_mask = self.tokenizer.encode(prompt, state if discrete else None)
         padded = pad_to_dim(state, self.model_action_dim).astype(np.float32)  # (A,)
@@ -337,23 +238,6 @@ class Preprocessor:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def check_image(name: str, image: Any) -> np.ndarray:
-    """Require a uint8 ``[H, W, 3]`` RGB numpy array; error names the field, expected and found."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"image {name!r}: expected a numpy uint8 array [H, W, 3] (HWC RGB), "
-            f"found {type(image).__name__}"
-        )
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image {name!r}: expected uint8 [H, W, 3] (HWC RGB), "
-            f"found {image.dtype} {list(image.shape)}"
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image {name!r}: empty image {list(image.shape)}")
-    return image
 
 
 def check_state(name: str, state: Any, expected_dim: int | None) -> np.ndarray:
@@ -428,51 +312,6 @@ def pi05_prompt(cleaned: str, bins: np.ndarray) -> str:
     return f"Task: {cleaned}, State: {state_str};\nAction: "
 
 
-def find_tokenizer(checkpoint_dir: str | os.PathLike | None, configured: Any = None) -> Path:
-    """Locate the SentencePiece ``tokenizer.model``; nothing is downloaded.
-
-    Looks in order at: ``configured`` (a file, or a directory holding one), the checkpoint dir,
-    its parent, ``<checkpoint>/assets/``.  Raises ``FileNotFoundError`` listing every path tried.
-    A transformers directory with only ``tokenizer.json`` is reported as such (pi0_ros reads the
-    SentencePiece file; the ``tokenizers`` package is not a dependency).
-    """
-    dirs: list[Path] = []
-    tried: list[str] = []
-    if configured is not None:
-        cpath = Path(configured).expanduser()
-        if cpath.is_file():
-            return cpath
-        if cpath.is_dir():
-            dirs.append(cpath)
-        else:
-            tried.append(f"{cpath} (configured tokenizer: no such file or directory)")
-    if checkpoint_dir is not None:
-        ckpt = Path(checkpoint_dir).expanduser()
-        dirs += [ckpt, ckpt.parent, ckpt / "assets"]
-    json_only: list[Path] = []
-    for d in dirs:
-        for fname in TOKENIZER_FILENAMES:
-            candidate = d / fname
-            if candidate.is_file():
-                return candidate
-            tried.append(str(candidate))
-        if (d / "tokenizer.json").is_file():
-            json_only.append(d / "tokenizer.json")
-    hint = ""
-    if json_only:
-        hint = (
-            f"; found {[str(p) for p in json_only]} but pi0_ros needs the SentencePiece model "
-            "file tokenizer.model (it sits next to tokenizer.json in the PaliGemma repo)"
-        )
-    raise FileNotFoundError(
-        "PaliGemma SentencePiece tokenizer not found; looked at: "
-        + ", ".join(tried)
-        + hint
-        + ". Pass tokenizer=<path to tokenizer.model> (openpi caches it at "
-        "~/.cache/openpi/big_vision/paligemma_tokenizer.model)."
-    )
-
-
 class PromptTokenizer:
     """openpi's ``PaligemmaTokenizer.tokenize`` on a local SentencePiece model.
 
@@ -501,12 +340,15 @@ class PromptTokenizer:
         if int(max_len) < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         path = Path(model_path).expanduser()
-        if path.is_dir() or not path.is_file():
-            path = find_tokenizer(None, path)
+        if path.is_file():
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        else:  # a directory: its SentencePiece file, else a transformers tokenizer (LeRobot)
+            from .model.assets import open_tokenizer
+
+            self._sp, path = open_tokenizer(path)
         self.path = path
         self.max_len = int(max_len)
         self.discrete_state = bool(discrete_state)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self._newline = list(self._sp.encode("\n"))
         self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = (
             collections.OrderedDict()
@@ -529,6 +371,11 @@ class PromptTokenizer:
                 "prompt; got state=None"
             )
         return pi05_prompt(cleaned, discretize_state(state))
+
+    def n_tokens(self, prompt: str, state: Any = None) -> int:
+        """Tokens of the whole text before padding / truncation (> ``max_len``: it is cut)."""
+        ids = self._sp.encode(self.text(prompt, state), add_bos=True)
+        return len(ids) + (0 if self.discrete_state else len(self._newline))
 
     def encode(self, prompt: str, state: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (ids int64 ``[max_len]``, mask bool ``[max_len]``).  ``state`` ignored for pi0."""
@@ -627,12 +474,24 @@ class Normalizer:
     * quantile: ``(x - q01[:d]) / (q99[:d] - q01[:d] + 1e-6) * 2 - 1``;  inverse
       ``(x + 1.0) / 2.0 * (q99 - q01 + 1e-6) + q01`` on the first ``len(q01)`` dims only (the
       rest pass through); ``(x + 1.0) / 2.0`` is evaluated in ``x``'s dtype as numpy does.
+
+    ``semantics="lerobot"``: LeRobot's ``NormalizerProcessorStep`` / ``UnnormalizerProcessorStep``
+    (``_apply_transform``, lerobot 0.4-0.6) instead, in float32 (its stats tensors; robots and
+    datasets deliver float32 states) with its operation order, so results are bit-equal:
+
+    * quantile: ``d = q99 - q01``, ``d = 1e-8`` where ``d == 0``;  ``2 * (x - q01) / d - 1``;
+      inverse ``(x + 1) * d / 2 + q01``.
+    * zscore:   ``(x - mean) / (std + 1e-8)``;  inverse ``x * std + mean``.
     """
 
     stats: Mapping[str, NormStats]
     modes: Mapping[str, str]
+    semantics: str = "openpi"
 
     def __post_init__(self) -> None:
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"Normalizer.semantics: expected one of {list(SEMANTICS)}, found "
+                             f"{self.semantics!r}")
         stats = dict(self.stats)
         modes = dict(self.modes)
         for key, mode in modes.items():
@@ -674,30 +533,29 @@ class Normalizer:
         return cls(stats, {key: mode for key in stats if key in ("state", "actions")})
 
     @classmethod
-    def from_lerobot(cls, checkpoint_dir: str | os.PathLike) -> Normalizer:
-        """Stats of a LeRobot policy folder (``policy_preprocessor.json`` + its state files).
-
-        The normalizer step's ``state_file`` (``observation.state.<stat>`` / ``action.<stat>``)
-        gives the state stats, the postprocessor's unnormalizer file the action stats; the mode
-        of each comes from ``norm_map`` (QUANTILES -> quantile, MEAN_STD -> zscore).  We still
-        apply openpi's formulas (``+ 1e-6``, float64), not LeRobot's (``eps`` 1e-8, float32): this
-        package reproduces openpi, and the two differ on degenerate dims (std = 0, q01 = q99).
+    def from_lerobot(cls, checkpoint_dir: str | os.PathLike, *,
+                     allow_unknown_processor_steps: bool = False) -> Normalizer:
+        """Stats of a LeRobot policy folder, read (and its processor steps checked) by
+        ``pi0_ros.model.assets.read_lerobot_processors``: the preprocessor's normalizer file for
+        the state, the postprocessor's unnormalizer file for the actions, the modes from
+        ``norm_map``.  With openpi's formulas unless ``with_semantics("lerobot")`` (what
+        ``Policy`` does for a LeRobot folder by default); the two differ in the last float32 bits
+        and hugely on degenerate dims (std = 0, q01 = q99).
         """
-        ckpt = Path(checkpoint_dir).expanduser()
-        pre = _lerobot_step(ckpt / "policy_preprocessor.json", "normalizer_processor")
-        stats, modes = _lerobot_stats(ckpt, pre)
-        post_file = ckpt / "policy_postprocessor.json"
-        if post_file.is_file():
-            post = _lerobot_step(post_file, "unnormalizer_processor")
-            post_stats, post_modes = _lerobot_stats(ckpt, post)
-            if "actions" in post_stats:
-                stats["actions"] = post_stats["actions"]
-                modes["actions"] = post_modes["actions"]
-        return cls(stats, modes)
+        from .model.assets import read_lerobot_processors
+
+        found = read_lerobot_processors(
+            checkpoint_dir, allow_unknown_processor_steps=allow_unknown_processor_steps)
+        stats = {key: NormStats.from_dict(values) for key, values in found.stats.items()}
+        return cls(stats, found.modes)
 
     def with_modes(self, use_quantiles: bool) -> Normalizer:
         mode = "quantile" if use_quantiles else "zscore"
-        return Normalizer(self.stats, {key: mode for key in self.modes})
+        return Normalizer(self.stats, {key: mode for key in self.modes}, self.semantics)
+
+    def with_semantics(self, semantics: str) -> Normalizer:
+        """The same stats and modes with openpi's or LeRobot's formulas (``SEMANTICS``)."""
+        return Normalizer(self.stats, self.modes, semantics)
 
     def dim(self, key: str) -> int:
         return self.stats[key].dim
@@ -714,6 +572,8 @@ class Normalizer:
         d = x.shape[-1]
         if d > st.dim:
             raise ValueError(f"{key}: {d} values but the norm stats have {st.dim} dims")
+        if self.semantics == "lerobot":
+            return _lerobot_normalize(x, st, mode, d)
         if mode == "zscore":
             return (x - st.mean[:d]) / (st.std[:d] + NORM_EPS)
         return (x - st.q01[:d]) / (st.q99[:d] - st.q01[:d] + NORM_EPS) * 2.0 - 1.0
@@ -728,6 +588,11 @@ class Normalizer:
         width = x.shape[-1]
         if st.dim > width:
             raise ValueError(f"{key}: width {width} is smaller than the norm stats ({st.dim})")
+        if self.semantics == "lerobot":
+            head = _lerobot_unnormalize(x[..., : st.dim], st, mode)
+            if st.dim == width:
+                return head
+            return np.concatenate([head, x[..., st.dim :].astype(np.float32)], axis=-1)
         if mode == "zscore":
             pad = width - st.dim
             mean = np.pad(st.mean, (0, pad), constant_values=0.0)
@@ -749,91 +614,33 @@ class Normalizer:
             ) from None
 
 
-def _lerobot_step(pipeline_file: Path, registry_name: str) -> dict:
-    if not pipeline_file.is_file():
-        raise FileNotFoundError(f"LeRobot processor file not found: {pipeline_file}")
-    pipeline = json.loads(pipeline_file.read_text())
-    for step in pipeline.get("steps", []):
-        if step.get("registry_name") == registry_name:
-            if not step.get("state_file"):
-                raise ValueError(f"{pipeline_file}: step {registry_name!r} has no state_file")
-            return step
-    names = [s.get("registry_name") for s in pipeline.get("steps", [])]
-    raise ValueError(f"{pipeline_file}: no {registry_name!r} step (steps: {names})")
+def _f32(stat: np.ndarray, d: int | None = None) -> np.ndarray:
+    return np.asarray(stat if d is None else stat[:d], dtype=np.float32)
 
 
-def _lerobot_stats(ckpt: Path, step: dict) -> tuple[dict[str, NormStats], dict[str, str]]:
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(ckpt / step["state_file"]))
-    config = step.get("config", {})
-    norm_map = config.get("norm_map", {})
-    stats: dict[str, NormStats] = {}
-    modes: dict[str, str] = {}
-    for feature, spec in config.get("features", {}).items():
-        key = _LEROBOT_KEYS.get(spec.get("type"))
-        if key is None:
-            continue
-        lerobot_mode = norm_map.get(spec["type"], "IDENTITY")
-        if lerobot_mode not in _LEROBOT_MODES:
-            raise ValueError(
-                f"{step['state_file']}: {feature} uses LeRobot normalization {lerobot_mode!r}; "
-                f"openpi semantics support {sorted(_LEROBOT_MODES)}"
-            )
-        modes[key] = _LEROBOT_MODES[lerobot_mode]
-        found = {
-            stat: tensors[f"{feature}.{stat}"]
-            for stat in ("mean", "std", "q01", "q99")
-            if f"{feature}.{stat}" in tensors
-        }
-        if found:
-            stats[key] = NormStats.from_dict(found)
-    return stats, modes
+def _quantile_range(st: NormStats, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """LeRobot's (q01, q99 - q01) in float32, the width replaced by eps where it is 0."""
+    q01 = _f32(st.q01, d)
+    width = _f32(st.q99, d) - q01
+    return q01, np.where(width == 0, LEROBOT_NORM_EPS, width).astype(np.float32)
 
 
-def find_norm_stats(
-    checkpoint_dir: str | os.PathLike, norm_stats: str | os.PathLike | None = None
-) -> tuple[str, Path]:
-    """Locate the norm stats of a checkpoint -> ``("openpi", norm_stats.json)`` or
-    ``("lerobot", checkpoint_dir)``.
+def _lerobot_normalize(x: np.ndarray, st: NormStats, mode: str, d: int) -> np.ndarray:
+    """LeRobot ``_apply_transform(inverse=False)``, float32, its operation order."""
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "zscore":
+        return (x - _f32(st.mean, d)) / (_f32(st.std, d) + LEROBOT_NORM_EPS)
+    q01, width = _quantile_range(st, d)
+    return np.float32(2.0) * (x - q01) / width - np.float32(1.0)
 
-    ``norm_stats``: an explicit ``norm_stats.json`` / directory holding one, or an openpi asset
-    id (``<checkpoint>/assets/<asset_id>/norm_stats.json``).  None: the single asset directory
-    under ``<checkpoint>/assets/`` (several: the asset id is required), else
-    ``<checkpoint>/norm_stats.json``, else LeRobot's ``policy_preprocessor.json``.
-    """
-    ckpt = Path(checkpoint_dir).expanduser()
-    assets = ckpt / "assets"
-    tried: list[str] = []
-    if norm_stats is not None:
-        explicit = Path(norm_stats).expanduser()
-        for candidate in (explicit, explicit / NORM_STATS_FILENAME):
-            if candidate.is_file():
-                return "openpi", candidate
-            tried.append(str(candidate))
-        by_id = assets / str(norm_stats) / NORM_STATS_FILENAME
-        if by_id.is_file():
-            return "openpi", by_id
-        tried.append(str(by_id))
-        raise FileNotFoundError(f"norm stats {str(norm_stats)!r} not found; looked at: "
-                                + ", ".join(tried))
-    asset_files = sorted(assets.glob(f"*/{NORM_STATS_FILENAME}")) if assets.is_dir() else []
-    if len(asset_files) == 1:
-        return "openpi", asset_files[0]
-    if len(asset_files) > 1:
-        ids = [p.parent.name for p in asset_files]
-        raise ValueError(f"{assets} holds norm stats for several assets {ids}; "
-                         "pass norm_stats=<asset id> (or a path)")
-    tried.append(f"{assets}/*/{NORM_STATS_FILENAME}")
-    for candidate in (ckpt / NORM_STATS_FILENAME,):
-        if candidate.is_file():
-            return "openpi", candidate
-        tried.append(str(candidate))
-    if (ckpt / "policy_preprocessor.json").is_file():
-        return "lerobot", ckpt
-    tried.append(str(ckpt / "policy_preprocessor.json"))
-    raise FileNotFoundError("norm stats not found; looked at: " + ", ".join(tried)
-                            + ". Pass norm_stats=<asset id or path to norm_stats.json>.")
+
+def _lerobot_unnormalize(x: np.ndarray, st: NormStats, mode: str) -> np.ndarray:
+    """LeRobot ``_apply_transform(inverse=True)``, float32, its operation order."""
+    x = np.asarray(x, dtype=np.float32)
+    if mode == "zscore":
+        return x * _f32(st.std) + _f32(st.mean)
+    q01, width = _quantile_range(st)
+    return (x + np.float32(1.0)) * width / np.float32(2.0) + q01
 
 
 def pad_to_dim(x: np.ndarray, dim: int) -> np.ndarray:

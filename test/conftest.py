@@ -83,3 +83,15 @@ def ros_context(ros_domain_id: int):
     """A private, initialized rclpy Context on ``ros_domain_id``; shut down after the test."""
     with private_context(ros_domain_id) as ctx:
         yield ctx
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test (CPU time on a shared 2-core runner; exactness
+    never depends on it), the previous count restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -170,3 +170,53 @@ class NodeProcess:
 def python_node(module: str, *args: str) -> list[str]:
     """The command that runs ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+class CtrlCProcess:
+    """A node process in its own process group (a terminal's foreground job) on a fresh domain;
+    ``ctrl_c_twice(gap)`` sends SIGINT to the group twice, ``gap`` seconds apart, as a terminal
+    Ctrl-C under ``ros2 launch`` arrives (the terminal's and launch's forwarded copy), once
+    ``ready_line`` was printed; returns (exit code, seconds to exit)."""
+
+    def __init__(self, cmd: Sequence[str], ready_line: str, *, start_timeout: float,
+                 exit_timeout: float) -> None:
+        self.ready_line, self.start_timeout, self.exit_timeout = (ready_line, start_timeout,
+                                                                  exit_timeout)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen([str(c) for c in cmd], env=ros_env(fresh_domain_id()),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if self.ready_line in line:
+                self.ready.set()
+
+    def ctrl_c_twice(self, gap: float) -> tuple[int, float]:
+        assert self.ready.wait(self.start_timeout), self.output()
+        pgid = os.getpgid(self.proc.pid)
+        start = time.monotonic()
+        os.killpg(pgid, signal.SIGINT)
+        time.sleep(gap)
+        os.killpg(pgid, signal.SIGINT)
+        try:
+            code = self.proc.wait(self.exit_timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"no exit within {self.exit_timeout} s:\n{self.output()}") \
+                from None
+        elapsed = time.monotonic() - start
+        self.reader.join(5.0)
+        return code, elapsed
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5.0)

@@ -79,11 +79,29 @@ def test_aloha_layout():
 class FakePolicy:
     """Stands in for the checkpoint: the right action width, no weights."""
 
+    model_name = "fake"
+    noise_shape = None
+    state_dim = None
+    rtc = None
+
+    def prompt_fit(self, prompt, state):
+        return None
+
     def __init__(self, config, slots):
         self.dims = len(config.action_joint_names)
+        self.camera_slots = tuple(s or f"slot{i}" for i, s in enumerate(slots))
+
+    def status(self):
+        return {}
+
+    def prepare_image(self, rgb, name):
+        return rgb
 
     def infer(self, obs, noise=None):
         return {"actions": np.zeros((10, self.dims), np.float32)}
+
+    def close(self):
+        pass
 
 
 def _has_msgs() -> bool:
@@ -100,10 +118,13 @@ def _has_msgs() -> bool:
         not _has_msgs(), reason="configure creates the ActionChunk publisher: pi0_ros_msgs is "
         "not built into this environment")),
 ), ids=("parameters", "configure"))
+@pytest.mark.parametrize("ns", ("", "/robot1"), ids=("root", "namespaced"))
 @pytest.mark.parametrize("path", _policy_files(), ids=lambda p: p.name)
-def test_policy_file_loads_into_the_rclpy_node(path, configure):
+def test_policy_file_loads_into_the_rclpy_node(path, ns, configure):
     """rcl parses the file as --params-file; the node's declared parameters read it back into
-    the same NodeConfig; configure succeeds (fake policy)."""
+    the same NodeConfig, also when the node runs in a namespace (launch namespace:=, issue 13:
+    a section keyed by the bare node name does not reach /robot1/pi0_policy_node); configure
+    succeeds (fake policy)."""
     import rclpy
     from ros_helpers import fresh_domain_id
 
@@ -111,10 +132,12 @@ def test_policy_file_loads_into_the_rclpy_node(path, configure):
     from pi0_ros.ros.params import config_from_parameters, get_param
 
     ctx = rclpy.Context()
-    rclpy.init(args=["--ros-args", "--params-file", str(path), "-p", "checkpoint:=/some/ckpt"],
-               context=ctx, domain_id=fresh_domain_id())
+    remap = ["-r", f"__ns:={ns}"] if ns else []
+    rclpy.init(args=["--ros-args", "--params-file", str(path), "-p", "checkpoint:=/some/ckpt",
+                     *remap], context=ctx, domain_id=fresh_domain_id())
     try:
         node = PolicyNode(context=ctx, policy_factory=FakePolicy)
+        assert node.get_namespace() == (ns or "/")
         try:
             config = config_from_parameters(lambda name: get_param(node, name))
             expected = replay.policy_config({**replay.node_parameters(path, POLICY_NODE),

@@ -265,7 +265,7 @@ def test_streaming_api_and_chunk_from_arrays():
     assert cmds[0].status == "track"
     assert abs(cmds[200].position[0] - 0.3) < 1e-3
     assert cmds[-1].status == "hold" and abs(cmds[-1].velocity[0]) < 1e-9
-    np.testing.assert_array_equal(ex._q, cmds[-1].position)
+    np.testing.assert_array_equal(ex.position, cmds[-1].position)
 
 
 def test_tick_at_the_same_time_repeats_and_a_gap_moves_one_slow_tick_at_most():
@@ -286,8 +286,8 @@ def test_set_state_clamps_validates_and_drops_the_reference():
     ex.set_state([0.0, 0.0], 0.0)
     ex.submit(const_chunk([0.3, 0.3], 0.0), 0.0)
     ex.tick(0.002)
-    ex.set_state([5.0, -5.0], 0.004)
-    np.testing.assert_array_equal(ex._q, [1.0, -1.0])
+    ex.set_state([1.0005, -1.0005], 0.004)  # within STATE_LIMIT_TOLERANCE: clamped
+    np.testing.assert_array_equal(ex.position, [1.0, -1.0])
     assert ex.reference(0.01) is None and ex.tick(0.006).holding
     with pytest.raises(ValueError):
         ex.set_state([np.nan, 0.0], 0.01)
@@ -297,7 +297,7 @@ def test_set_state_clamps_validates_and_drops_the_reference():
 
 def test_node_reject_hook_counts():
     ex = StreamingExecutor(cfg(), default_period=PERIOD)
-    assert ex._reject("invalid") == (False, "invalid")
+    assert ex.reject("invalid") == (False, "invalid")
     assert ex.stats["rejected"] == {"invalid": 1}
 
 

@@ -97,7 +97,7 @@ def simulate(s: Stream, *, limit=LIMIT, vmax=VMAX, amax=AMAX, past=None, duratio
             next_chunk += s.chunk_period
             if rng.random() >= s.drop:
                 t0 = t - max(0.0, s.latency + s.latency_jitter * rng.normal())
-                acts = ex._q + np.cumsum(rng.normal(0, s.noise, (s.horizon, 2)), axis=0)
+                acts = ex.position + np.cumsum(rng.normal(0, s.noise, (s.horizon, 2)), axis=0)
                 is_past = t0 + s.dt * np.arange(s.horizon) < t - PAST_EPS
                 if past is not None:
                     acts[is_past] = past(past_rng, acts[is_past].shape)

@@ -132,3 +132,73 @@ def test_make_demo_cli(tmp_path, storage, capsys):
     assert "bag:" in capsys.readouterr().out
     meta = (tmp_path / "m" / "bag" / "metadata.yaml").read_text()
     assert storage in meta
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13, item 11: output a newcomer reads right
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    return make_demo.make_demo(tmp_path_factory.mktemp("material"),
+                               make_demo.DemoSpec(duration=DEMO_SECONDS))
+
+
+def test_plots_have_units_and_a_colourbar(material, tmp_path, monkeypatch):
+    """Axis units (rad for the arm, m for the Panda finger), chunk colours explained by a
+    colourbar, and the random weights said on the plot."""
+    import matplotlib.pyplot as plt
+
+    from pi0_ros.tools import replay
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    replay.run_offline(material["bag"], material["params"], tmp_path, seed=0,
+                       units=make_demo.JOINT_UNITS)
+    assert len(figures) == 8
+    labels = {}
+    for fig in figures:
+        main, bar = fig.axes  # the plot and its colourbar
+        labels[main.get_title().split(":")[0]] = main.get_ylabel()
+        assert bar.get_ylabel() == "chunk: observation time [s]"
+        assert "random weights" in main.get_title()
+    assert labels["panda_joint1"] == "position [rad]"
+    assert labels["panda_finger_joint1"] == "position [m]"
+
+
+def test_demo_output_says_weights_are_random_and_lists_info_apart(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--duration", str(DEMO_SECONDS), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "weights are random" in captured.out
+    assert "silent" not in captured.out + captured.err  # no start-up 'silent input' warning
+    report = (out / "replay" / "report.md").read_text()
+    assert "weights are random" in report.split("## Inference")[0]
+    dropped = report.split("## Dropped and rejected inputs")[1].split("\n## ")[0]
+    assert "mixed_camera_sizes" not in dropped
+    info = report.split("## Informational (not drops)")[1].split("\n## ")[0]
+    assert "| mixed_camera_sizes |" in info and "resized with padding" in info
+
+
+def test_executor_rejections_logged_once_and_explained(material, tmp_path, capsys, caplog):
+    """Chunks arriving after their horizon (here: a simulated 0.9 s latency > 0.75 s of actions)
+    are rejected as all_past: logged once, not once per chunk, and the summary says the
+    inference latency exceeded the chunk horizon."""
+    from pi0_ros.tools import replay
+
+    with caplog.at_level("WARNING", logger="pi0_ros.control.executor"):
+        rc = replay.main([str(material["bag"]), "--config", str(material["params"]),
+                          "--output", str(tmp_path), "--latency", "0.9", "--no-plots",
+                          "--quiet"])
+    assert rc == 0
+    lines = [r.getMessage() for r in caplog.records if "chunk rejected" in r.getMessage()]
+    past = [line for line in lines if "all_past" in line]
+    assert len(past) == 1, lines  # one line per reason (feedback_timeout at the bag's end too)
+    assert len(lines) == len(set(line.split(" (")[0] for line in lines)), lines
+    assert "inference latency exceeded the chunk horizon" in past[0]
+    out = capsys.readouterr().out
+    assert "executor rejected" in out and "all_past x" in out
+    assert "inference latency exceeded the chunk horizon" in out
+    report = (tmp_path / "report.md").read_text()
+    assert "inference latency exceeded the chunk horizon (0.75 s)" in report

@@ -7,7 +7,7 @@ import torch
 
 from pi0_ros.engine.base import EngineSpec, ModelInputs, default_buckets, dummy_inputs, select_rows
 from pi0_ros.engine.eager import EagerBackend
-from pi0_ros.model import Pi0Model, tiny_config
+from pi0_ros.model import Pi0Model, random_init_, tiny_config
 
 STEPS = 3
 # float32 on CPU: the same math at a different batch / key length rounds differently in the
@@ -18,8 +18,9 @@ REF_ATOL = 2e-5  # backend vs model.sample_actions
 
 @pytest.fixture(scope="module", params=[True, False], ids=["pi05", "pi0"])
 def model(request) -> Pi0Model:
-    torch.manual_seed(0)
-    return Pi0Model(tiny_config(pi05=request.param, num_cameras=2)).eval()
+    # random_init_: every path live (a fresh module's zero adaRMS gates would cut the pi0.5
+    # expert off from the prefix, and a prefix bug would go unseen).
+    return random_init_(Pi0Model(tiny_config(pi05=request.param, num_cameras=2)), seed=0).eval()
 
 
 def reference(model: Pi0Model, x: ModelInputs, steps: int = STEPS) -> torch.Tensor:

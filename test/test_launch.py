@@ -177,8 +177,9 @@ def test_every_combination_stubbed(stubbed, combo, supported, tmp_path):
         assert node.kwargs.get("autostart", False) is (autostart and supported)
     if with_executor:
         executor = lifecycle["pi0_executor_node"]
+        # config/policy_node.yaml has no executor section: its /** parameters are the policy's.
         assert executor.kwargs["parameters"] == [
-            pi0._config("executor.yaml"), pi0.ARGUMENTS["params_file"][0], {"use_sim_time": sim}]
+            pi0._config("executor.yaml"), {"use_sim_time": sim}]
     changes = [e.kwargs["event"] for e in _of(actions, "EmitEvent")]
     if autostart and not supported:
         from lifecycle_msgs.msg import Transition
@@ -220,12 +221,104 @@ def test_every_combination_stubbed(stubbed, combo, supported, tmp_path):
             "remappings"]
 
 
-def test_explicit_executor_params_file(stubbed):
+def test_explicit_executor_params_file(stubbed, tmp_path):
     pi0, _ = stubbed
-    actions = pi0.make_actions({"executor_params_file": "/x/exec.yaml"}, autostart_supported=True)
+    exec_file = tmp_path / "exec.yaml"
+    exec_file.write_text("pi0_executor_node:\n  ros__parameters: {}\n")
+    actions = pi0.make_actions({"executor_params_file": str(exec_file)},
+                               autostart_supported=True)
     (executor,) = [n for n in _of(actions, "LifecycleNode")
                    if n.kwargs["executable"] == "pi0_executor_node"]
-    assert executor.kwargs["parameters"] == ["/x/exec.yaml", {"use_sim_time": False}]
+    assert executor.kwargs["parameters"] == [str(exec_file), {"use_sim_time": False}]
+
+
+def _node(actions, executable):
+    (node,) = [n for n in _of(actions, "LifecycleNode") if n.kwargs["executable"] == executable]
+    return node
+
+
+def test_params_file_found_in_the_installed_share_directory(stubbed, tmp_path, monkeypatch):
+    """`params_file:=config/droid_policy.yaml` (the launch docstring, docs/REPLAY.md) works from
+    any directory: a relative path not found here is looked up in share/pi0_ros."""
+    pi0, _ = stubbed
+    share = tmp_path / "install" / "share" / "pi0_ros"
+    (share / "config").mkdir(parents=True)
+    for name in ("droid_policy.yaml", "executor.yaml", "policy_node.yaml"):
+        (share / "config" / name).write_text((ROOT / "config" / name).read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(pi0, "share_dir", lambda: share)
+    actions = pi0.make_actions({"params_file": "config/droid_policy.yaml"},
+                               autostart_supported=True)
+    installed = str(share / "config" / "droid_policy.yaml")
+    assert _node(actions, "pi0_policy_node").kwargs["parameters"][0] == installed
+    # The executor gets the file's pi0_executor_node section (the Panda joints).
+    executor_sources = _node(actions, "pi0_executor_node").kwargs["parameters"]
+    assert executor_sources[1]["joint_names"][0] == "panda_joint1"
+    # A file in the current directory wins over the installed one.
+    (elsewhere / "config").mkdir()
+    (elsewhere / "config" / "droid_policy.yaml").write_text("/**:\n  ros__parameters: {}\n")
+    actions = pi0.make_actions({"params_file": "config/droid_policy.yaml"},
+                               autostart_supported=True)
+    assert _node(actions, "pi0_policy_node").kwargs["parameters"][0] == str(
+        elsewhere / "config" / "droid_policy.yaml")
+    with pytest.raises(ValueError, match=r"params_file:='config/nope.yaml': no such file"):
+        pi0.make_actions({"params_file": "config/nope.yaml"})
+
+
+def test_loop_argument_reaches_a_player_that_loops(stubbed):
+    """`loop:=true` passes --loop, and pi0-ros-replay accepts it as a live option (it used to be
+    swallowed by the live mode's argument parsing and the bag played once)."""
+    pi0, rep = stubbed
+    (player,) = rep.make_actions({"bag": "BAG", "nodes": "false", "loop": "true"})
+    cmd = player.kwargs["cmd"]
+    assert cmd[-1] == "--loop"
+    from pi0_ros.tools import replay
+
+    args = replay.build_parser().parse_args(cmd[3:])
+    assert args.live and args.loop and args.clock
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    from pi0_ros.tools import make_demo
+
+    return make_demo.make_checkpoint(tmp_path_factory.mktemp("demo") / "checkpoint")
+
+
+def test_default_launch_configures_on_the_demo_checkpoint(stubbed, demo_checkpoint):
+    """README: `ros2 launch pi0_ros pi0.launch.py checkpoint:=DIR` on the demo checkpoint. The
+    shipped config/policy_node.yaml and config/executor.yaml, as the launch file passes them,
+    configure the policy (load + warm-up: what on_configure runs, so the node reaches active) and
+    an executor commanding the joints the chunks name."""
+    from pi0_ros.pipeline import PolicyPipeline, load_policy
+    from pi0_ros.ros import conversions as conv
+    from pi0_ros.ros.sync import make_synchronizer
+    from pi0_ros.tools import replay, replay_executor
+
+    pi0, _ = stubbed
+    actions = pi0.make_actions({"checkpoint": str(demo_checkpoint)}, autostart_supported=True)
+    params_file, overrides = _node(actions, "pi0_policy_node").kwargs["parameters"]
+    params = replay.node_parameters(params_file, "pi0_policy_node")
+    params.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
+    params.update({"model.device": "cpu", "model.warmup": 1})  # speed only
+    config = replay.policy_config(params)
+    policy = load_policy(config, tuple(c.slot for c in config.cameras))
+    try:
+        pipe = PolicyPipeline(config, clock=lambda: 1, image_of=conv.to_rgb,
+                              state_of=conv.joint_state_to_vector, make_sync=make_synchronizer)
+        pipe.bind(policy)  # raises when the action joints do not fit the checkpoint
+    finally:
+        policy.close()
+    exec_params: dict = {}
+    for source in _node(actions, "pi0_executor_node").kwargs["parameters"]:
+        exec_params.update(replay.node_parameters(source, "pi0_executor_node")
+                           if isinstance(source, str) else source)
+    exec_params.pop("use_sim_time")
+    exec_config = replay_executor.executor_config(exec_params, config)
+    assert tuple(exec_config.executor.joint_names) == tuple(config.action_joint_names)
+    assert set(config.action_joint_names) <= set(config.state_joint_names)
 
 
 def test_bad_arguments_raise(stubbed):

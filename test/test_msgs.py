@@ -26,6 +26,8 @@ FIELDS = {  # ActionChunk.msg, in order, as rosidl types
     "inference_latency": "double",
     "sequence": "uint64",
     "model_name": "string",
+    "input_stamps": "sequence<builtin_interfaces/Time>",
+    "rtc_delay": "uint32",
 }
 
 

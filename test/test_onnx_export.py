@@ -16,7 +16,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pi0_ros.engine import onnx_export as ox  # noqa: E402
+from pi0_ros.engine import tensorrt as tb  # noqa: E402
 from pi0_ros.engine.base import dummy_inputs  # noqa: E402
 from pi0_ros.model import Pi0Model, random_init_, tiny_config  # noqa: E402
 from pi0_ros.tools import export as export_cli  # noqa: E402
@@ -35,9 +35,9 @@ def exported(request, tmp_path_factory):
     pi05, cams = request.param
     model = random_init_(Pi0Model(tiny_config(pi05=pi05, num_cameras=cams)), seed=3).eval()
     out = tmp_path_factory.mktemp("onnx")
-    exports = {s: ox.export_stage(model, s, out, prompt_len=PROMPT_LEN, num_steps=STEPS)
-               for s in ox.STAGES}
-    sessions = {s: ox.ort_session(e.path) for s, e in exports.items()}
+    exports = {s: tb.export_stage(model, s, out, prompt_len=PROMPT_LEN, num_steps=STEPS)
+               for s in tb.STAGES}
+    sessions = {s: tb.ort_session(e.path) for s, e in exports.items()}
     return model, exports, sessions
 
 
@@ -58,27 +58,27 @@ def test_graph_io_dtypes_shapes_and_opset(exported):
         onnx.checker.check_model(proto)
         opset = {o.domain: o.version for o in proto.opset_import}[""]
         assert opset >= 17, (stage, opset)
-        inputs, outputs = ox.onnx_io(proto)
-        names_in, names_out = ox.stage_io(stage, cfg.pi05)
+        inputs, outputs = tb.onnx_io(proto)
+        names_in, names_out = tb.stage_io(stage, cfg.pi05)
         assert tuple(inputs) == names_in, stage
         assert tuple(outputs) == names_out, stage
-        shapes = ox.stage_shapes(cfg, stage, PROMPT_LEN)
-        dtypes = ox.stage_dtypes(cfg, stage)
+        shapes = tb.stage_shapes(cfg, stage, PROMPT_LEN)
+        dtypes = tb.stage_dtypes(cfg, stage)
         for desc in list(inputs.values()) + list(outputs.values()):
             assert desc.shape == shapes[desc.name], (stage, desc)
             assert desc.dtype == dtypes[desc.name], (stage, desc)
             # exactly one dynamic axis, the batch, except the step conditioning
             dynamic = [d for d in desc.shape if isinstance(d, str)]
-            assert dynamic == ([] if desc.name in ox.UNBATCHED else ["batch"]), desc
+            assert dynamic == ([] if desc.name in tb.UNBATCHED else ["batch"]), desc
             if dynamic:
-                assert desc.shape.index("batch") == ox.batch_axis(desc.name)
+                assert desc.shape.index("batch") == tb.batch_axis(desc.name)
 
 
 def test_pi0_takes_state_pi05_does_not(exported):
     model, exports, _ = exported
-    inputs, _ = ox.onnx_io(exports["denoise"].path)
+    inputs, _ = tb.onnx_io(exports["denoise"].path)
     assert ("state" in inputs) == (not model.config.pi05)
-    step_inputs, _ = ox.onnx_io(exports["denoise_step"].path)
+    step_inputs, _ = tb.onnx_io(exports["denoise_step"].path)
     assert ("modulation" if model.config.pi05 else "time_emb") in step_inputs
 
 
@@ -86,7 +86,7 @@ def test_kv_cache_shape_matches_the_model(exported):
     model, exports, _ = exported
     cfg = model.config
     cache = model.new_cache(1, cfg.num_cameras, PROMPT_LEN)
-    _, outputs = ox.onnx_io(exports["prefix"].path)
+    _, outputs = tb.onnx_io(exports["prefix"].path)
     depth, _, nkv, _, dh = cache.k.shape
     assert outputs["prefix_k"].shape == (depth, "batch", nkv, cache.prefix_len, dh)
     assert outputs["suffix_mask"].shape[1:] == tuple(cache.suffix_mask.shape[1:])
@@ -97,7 +97,7 @@ def test_kv_cache_shape_matches_the_model(exported):
 def test_every_stage_matches_eager(exported, rows):
     model, exports, _ = exported
     req = _request(model, rows, valid_tokens=11, seed=rows, masked_camera=rows > 1)
-    diffs = ox.check_stages(model, list(exports.values()), req)
+    diffs = tb.check_stages(model, list(exports.values()), req)
     assert len(diffs) == 1 + 5 + 1 + 1
     bad = {k: v for k, v in diffs.items() if not v <= ORT_ATOL}
     assert not bad, bad
@@ -106,9 +106,9 @@ def test_every_stage_matches_eager(exported, rows):
 def test_suffix_mask_is_exact(exported):
     model, exports, sessions = exported
     req = _request(model, 2, valid_tokens=7, seed=5, masked_camera=True)
-    feeds = ox.example_feeds(model, "prefix", req)
-    want = ox.eager_stage(model, "prefix", feeds)["suffix_mask"]
-    got = ox.run_session(sessions["prefix"], feeds)["suffix_mask"]
+    feeds = tb.example_feeds(model, "prefix", req)
+    want = tb.eager_stage(model, "prefix", feeds)["suffix_mask"]
+    got = tb.run_session(sessions["prefix"], feeds)["suffix_mask"]
     assert torch.equal(got, want)
 
 
@@ -117,12 +117,12 @@ def test_sampled_actions_through_onnx_equal_eager(exported):
     req = _request(model, 2, valid_tokens=9, seed=11, masked_camera=True)
     want = model.sample_actions(req.images, req.image_masks, req.tokens, req.token_mask,
                                 req.state, noise=req.noise, num_steps=STEPS)
-    loop = ox.onnx_sample_actions({k: sessions[k] for k in ("vision", "prefix", "denoise")},
+    loop = tb.onnx_sample_actions({k: sessions[k] for k in ("vision", "prefix", "denoise")},
                                   req, model, STEPS)
-    stepped = ox.onnx_sample_actions(
+    stepped = tb.onnx_sample_actions(
         {k: sessions[k] for k in ("vision", "prefix", "denoise_step")}, req, model, STEPS)
-    assert ox.max_abs_diff(loop, want) <= ORT_ATOL
-    assert ox.max_abs_diff(stepped, want) <= ORT_ATOL
+    assert tb.max_abs_diff(loop, want) <= ORT_ATOL
+    assert tb.max_abs_diff(stepped, want) <= ORT_ATOL
     assert want.abs().max() > 0.1  # not a degenerate comparison
 
 
@@ -137,7 +137,7 @@ def test_attention_core_equals_gemma_attend():
     allowed = torch.rand(b, 1, s, p + s, generator=g) > 0.3
     allowed[..., -1] = True
     mask = torch.where(allowed, 0.0, -2.3819763e38)
-    core = ox.AttentionCore(nh, nkv, dh)
+    core = tb.AttentionCore(nh, nkv, dh)
     want = attend(q, torch.cat([k, k2], 2), torch.cat([v, v2], 2), mask)
     assert torch.allclose(core(q, k, v, mask, k2, v2), want, atol=1e-6)
     assert torch.allclose(core(q, k, v, mask[..., :p]), attend(q, k, v, mask[..., :p]),
@@ -149,12 +149,12 @@ def test_bf16_export_keeps_float32_islands(tmp_path):
     model = random_init_(Pi0Model(tiny_config(pi05=True, num_cameras=2)), seed=1)
     model.eval().set_precision("bfloat16")
     for stage in ("prefix", "denoise"):
-        ex = ox.export_stage(model, stage, tmp_path, prompt_len=8, num_steps=2)
+        ex = tb.export_stage(model, stage, tmp_path, prompt_len=8, num_steps=2)
         assert ex.dtype == "bfloat16"
         proto = onnx.load(str(ex.path))
         onnx.checker.check_model(proto)
-        inputs, outputs = ox.onnx_io(proto)
-        dtypes = ox.stage_dtypes(model.config, stage, "bfloat16")
+        inputs, outputs = tb.onnx_io(proto)
+        dtypes = tb.stage_dtypes(model.config, stage, "bfloat16")
         for desc in list(inputs.values()) + list(outputs.values()):
             assert desc.dtype == dtypes[desc.name], desc
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -180,14 +180,14 @@ def fp8_pi0(tmp_path_factory):
     model = random_init_(Pi0Model(tiny_config(pi05=False, num_cameras=3)), seed=4).eval()
     calib = [dummy_inputs(model.config, 2, 3, 10, prompt_len=PROMPT_LEN, seed=i)
              for i in range(2)]
-    amax = ox.calibrate_fp8(model, calib, STEPS)
+    amax = tb.calibrate_fp8(model, calib, STEPS)
     out = tmp_path_factory.mktemp("fp8")
     quantized, counts = {}, {}
     for stage in ("prefix", "denoise", "denoise_step"):
-        ex = ox.export_stage(model, stage, out, prompt_len=PROMPT_LEN, num_steps=STEPS,
-                             opset=ox.FP8_OPSET)
+        ex = tb.export_stage(model, stage, out, prompt_len=PROMPT_LEN, num_steps=STEPS,
+                             opset=tb.FP8_OPSET)
         quantized[stage] = out / "q" / stage / "model.onnx"
-        counts[stage] = ox.quantize_fp8(ex.path, quantized[stage], model, amax)
+        counts[stage] = tb.insert_fp8_qdq(ex.path, quantized[stage], model, amax)
     return model, amax, quantized, counts
 
 
@@ -215,14 +215,14 @@ def test_fp8_rewrite_of_one_linear_is_exact(tmp_path):
     module = Wrapper().eval()
     x = torch.randn(3, 5, 24) * 3
     torch.onnx.export(module, (x,), str(tmp_path / "lin.onnx"), dynamo=False,
-                      opset_version=ox.FP8_OPSET, input_names=["x"], output_names=["y"])
+                      opset_version=tb.FP8_OPSET, input_names=["x"], output_names=["y"])
     amax = {"proj": float(x.abs().max()) * 0.8}  # some activations saturate
-    assert ox.quantize_fp8(tmp_path / "lin.onnx", tmp_path / "q.onnx", module, amax) == 1
-    got = ox.run_session(ox.ort_session(tmp_path / "q.onnx"), {"x": x})["y"]
-    with ox.fp8_emulation(module, amax):
+    assert tb.insert_fp8_qdq(tmp_path / "lin.onnx", tmp_path / "q.onnx", module, amax) == 1
+    got = tb.run_session(tb.ort_session(tmp_path / "q.onnx"), {"x": x})["y"]
+    with tb.fp8_emulation(module, amax):
         want = module(x)
-    assert ox.max_abs_diff(got, want) <= 1e-5
-    assert ox.max_abs_diff(got, module(x)) > 1e-2  # quantized, and the patch is undone
+    assert tb.max_abs_diff(got, want) <= 1e-5
+    assert tb.max_abs_diff(got, module(x)) > 1e-2  # quantized, and the patch is undone
 
 
 def test_fp8_stages_equal_their_torch_emulation(fp8_pi0):
@@ -240,11 +240,11 @@ def test_fp8_stages_equal_their_torch_emulation(fp8_pi0):
                                                         "gate_proj", "up_proj", "down_proj"))]
         assert gemma and all(n.input[0].endswith("_act_dq") and n.input[1].endswith("_fp8_dq")
                              for n in gemma), stage
-        feeds = ox.example_feeds(model, stage, req, STEPS)
-        with ox.fp8_emulation(model, amax):
-            want = ox.eager_stage(model, stage, feeds, STEPS)
-        plain = ox.eager_stage(model, stage, feeds, STEPS)
-        got = ox.run_session(ox.ort_session(path), feeds)
+        feeds = tb.example_feeds(model, stage, req, STEPS)
+        with tb.fp8_emulation(model, amax):
+            want = tb.eager_stage(model, stage, feeds, STEPS)
+        plain = tb.eager_stage(model, stage, feeds, STEPS)
+        got = tb.run_session(tb.ort_session(path), feeds)
         for name in got:
             diff = (got[name] - want[name].float()).abs()
             if stage == "denoise":
@@ -253,44 +253,44 @@ def test_fp8_stages_equal_their_torch_emulation(fp8_pi0):
                 assert (diff > ORT_ATOL).float().mean() <= FP8_FLIPS, (stage, name)
                 assert diff.mean() <= ORT_ATOL, (stage, name)
         changed = [n for n in got if n != "suffix_mask"
-                   and ox.max_abs_diff(got[n], plain[n].float()) > 1e-3]
+                   and tb.max_abs_diff(got[n], plain[n].float()) > 1e-3]
         assert changed, stage  # FP8 really changed the result
 
 
 def test_fp8_actions_stay_close_to_float32(tmp_path):
     model = random_init_(Pi0Model(tiny_config(pi05=True, num_cameras=2)), seed=5).eval()
-    amax = ox.calibrate_fp8(model, [dummy_inputs(model.config, 2, 2, 8, prompt_len=PROMPT_LEN,
+    amax = tb.calibrate_fp8(model, [dummy_inputs(model.config, 2, 2, 8, prompt_len=PROMPT_LEN,
                                                  seed=i) for i in range(2)], STEPS)
     sessions = {}
     for stage in ("vision", "prefix", "denoise"):
-        ex = ox.export_stage(model, stage, tmp_path, prompt_len=PROMPT_LEN, num_steps=STEPS,
-                             opset=ox.FP8_OPSET)
+        ex = tb.export_stage(model, stage, tmp_path, prompt_len=PROMPT_LEN, num_steps=STEPS,
+                             opset=tb.FP8_OPSET)
         path = ex.path
         if stage != "vision":
             path = tmp_path / "q" / stage / "model.onnx"
-            ox.quantize_fp8(ex.path, path, model, amax)
-        sessions[stage] = ox.ort_session(path)
+            tb.insert_fp8_qdq(ex.path, path, model, amax)
+        sessions[stage] = tb.ort_session(path)
     req = _request(model, 2, valid_tokens=12, seed=17)
     want = model.sample_actions(req.images, req.image_masks, req.tokens, req.token_mask,
                                 req.state, noise=req.noise, num_steps=STEPS)
-    got = ox.onnx_sample_actions(sessions, req, model, STEPS)
-    assert ox.max_abs_diff(got, want) <= FP8_E2E_REL * max(1.0, float(want.abs().max()))
+    got = tb.onnx_sample_actions(sessions, req, model, STEPS)
+    assert tb.max_abs_diff(got, want) <= FP8_E2E_REL * max(1.0, float(want.abs().max()))
 
 
 def test_fp8_bf16_graph_structure(tmp_path):
     model = random_init_(Pi0Model(tiny_config(pi05=True, num_cameras=2)), seed=6).eval()
-    amax = ox.calibrate_fp8(model, [dummy_inputs(model.config, 1, 2, 8, prompt_len=8)], 2)
+    amax = tb.calibrate_fp8(model, [dummy_inputs(model.config, 1, 2, 8, prompt_len=8)], 2)
     model.set_precision("bfloat16")
-    ex = ox.export_stage(model, "denoise", tmp_path, prompt_len=8, num_steps=2,
-                         opset=ox.FP8_OPSET)
-    n = ox.quantize_fp8(ex.path, tmp_path / "q.onnx", model, amax)
+    ex = tb.export_stage(model, "denoise", tmp_path, prompt_len=8, num_steps=2,
+                         opset=tb.FP8_OPSET)
+    n = tb.insert_fp8_qdq(ex.path, tmp_path / "q.onnx", model, amax)
     proto = onnx.load(str(tmp_path / "q.onnx"))
     onnx.checker.check_model(proto)
     assert n == 7 * model.config.expert.depth * 2
     scales = [t for t in proto.graph.initializer if t.name.endswith("_scale")]
     assert scales and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in scales)
     with pytest.raises(ValueError, match="opset"):
-        ox.quantize_fp8(ox.export_stage(model, "prefix", tmp_path, prompt_len=8).path,
+        tb.insert_fp8_qdq(tb.export_stage(model, "prefix", tmp_path, prompt_len=8).path,
                         tmp_path / "bad.onnx", model, amax)
 
 
@@ -298,11 +298,11 @@ def test_fp8_bf16_graph_structure(tmp_path):
 def test_export_rejects_bad_requests(tmp_path):
     model = random_init_(Pi0Model(tiny_config(pi05=True, num_cameras=2)), seed=0)
     with pytest.raises(ValueError, match="cameras"):
-        ox.export_stage(model, "vision", tmp_path, num_cameras=3)
+        tb.export_stage(model, "vision", tmp_path, num_cameras=3)
     with pytest.raises(ValueError, match="opset"):
-        ox.export_stage(model, "vision", tmp_path, opset=16)
+        tb.export_stage(model, "vision", tmp_path, opset=16)
     with pytest.raises(ValueError, match="unknown stage"):
-        ox.export_stage(model, "decode", tmp_path)
+        tb.export_stage(model, "decode", tmp_path)
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -24,6 +24,17 @@ EXEC_DEPENDS = {
     "rclpy", "builtin_interfaces", "std_msgs", "sensor_msgs", "trajectory_msgs",
     "visualization_msgs", "diagnostic_msgs", "lifecycle_msgs", "pi0_ros_msgs",
 }
+# Third-party Python modules imported by pi0_ros/ and launch/ -> their rosdep key (ros/rosdistro
+# rosdep/python.yaml, base.yaml), or None where rosdistro has no key (package.xml must then name
+# the module in a comment). Any other import is a ROS package and must be declared by its name.
+PYTHON_KEYS = {
+    "numpy": "python3-numpy", "yaml": "python3-yaml", "PIL": "python3-pil",
+    "torch": "python3-torch", "matplotlib": "python3-matplotlib", "cv2": "python3-opencv",
+    "websockets": "python3-websockets", "msgpack": "python3-msgpack",
+    "rosbags": "python3-rosbags-pip", "transformers": "python3-transformers-pip",
+    "onnxruntime": "python3-onnxruntime-pip",
+    "safetensors": None, "sentencepiece": None, "ruckig": None, "onnx": None, "tensorrt": None,
+}
 README_COMMANDS = [
     "python3 -m pi0_ros.tools.bootstrap demo",
     "python3 -m pi0_ros.tools.bootstrap test",
@@ -72,6 +83,50 @@ def test_package_xml():
     assert not missing, f"package.xml lacks exec_depend on {sorted(missing)}"
     assert "python3-pytest" in _texts(root, "test_depend")
     assert (ROOT / "resource" / "pi0_ros").is_file(), "ament index marker resource/pi0_ros"
+
+
+def _imports(paths) -> dict[str, str]:
+    """Top-level third-party modules imported (anywhere, lazily too) -> one file importing it."""
+    out = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("__future__", "pi0_ros"):
+                    out.setdefault(top, str(path.relative_to(ROOT)))
+    return out
+
+
+def _sources() -> list[Path]:
+    return sorted((ROOT / "pi0_ros").rglob("*.py")) + sorted((ROOT / "launch").glob("*.py"))
+
+
+def test_package_xml_declares_every_import():
+    """rosdep can install everything pi0_ros/ and launch/ import: each ROS package is an
+    exec_depend, each Python module its rosdep key (or, where rosdistro has none, a comment
+    naming it); the packages launch/ starts nodes from are declared too."""
+    root = _xml(ROOT / "package.xml")
+    declared = _texts(root, "exec_depend") | _texts(root, "depend")
+    tests = _texts(root, "test_depend")
+    text = (ROOT / "package.xml").read_text()
+    comments = " ".join(re.findall(r"<!--(.*?)-->", text, re.S))
+    missing = []
+    for module, where in sorted(_imports(_sources()).items()):
+        key = PYTHON_KEYS.get(module, module)
+        if module in PYTHON_KEYS and key is None:
+            if module not in comments:
+                missing.append(f"{module} ({where}): no rosdep key, say so in a comment")
+        elif key not in declared | tests:
+            missing.append(f"{key} ({where} imports {module})")
+    for path in sorted((ROOT / "launch").glob("*.py")):
+        for package in re.findall(r'package="([A-Za-z0-9_]+)"', path.read_text()):
+            if package != "pi0_ros" and package not in declared:
+                missing.append(f"{package} ({path.name} starts a node from it)")
+    assert not missing, f"package.xml lacks: {missing}"
+    assert not declared & tests, f"both exec and test dependency: {declared & tests}"
 
 
 def test_msg_package():
@@ -187,3 +242,56 @@ def test_bootstrap_demo_command():
     """README command 1 ends in pi0-ros-demo (with any extra arguments passed through)."""
     assert bootstrap._command("demo", ["--seed", "1"]) == [
         str(bootstrap.VENV / "bin" / "pi0-ros-demo"), "--seed", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# documented commands (issue 13, item 8)
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A command shown to be run (not a mention such as "forwarded by `ros2 launch`"): `ros2 run` /
+# `ros2 launch` with an argument, the other verbs with a sub-command and an argument.
+ROS_CLI = re.compile(r"\bros2 (?:run|launch) [^\s`)]|\bros2 (?:lifecycle|topic|param|bag|service|"
+                     r"node) [a-z]+ [^\s`)]|\bcolcon build\b|\brosdep install\b")
+ROS_NOTE = re.compile(r"ROS\s+2\s+(?:install|CLI)")
+
+
+def _sections(text: str) -> list[str]:
+    """A markdown text cut at its headings (outside code blocks)."""
+    sections, current, fenced = [], [], False
+    for line in text.splitlines():
+        fenced ^= line.lstrip().startswith("```")
+        if not fenced and line.startswith("#") and current:
+            sections.append("\n".join(current))
+            current = []
+        current.append(line)
+    return [*sections, "\n".join(current)]
+
+
+def test_ros_cli_commands_say_which_install_gives_them():
+    """The README's .venv has no ros2cli / launch_ros: every section of README.md and docs/*.md
+    that shows a `ros2 ...`, `colcon build` or `rosdep install` command says it needs a ROS 2
+    install (or is the section giving the .venv equivalents, 'Without the ROS 2 CLI')."""
+    unmarked = []
+    for doc in DOCS:
+        for section in _sections(doc.read_text()):
+            commands = [line.strip() for line in section.splitlines() if ROS_CLI.search(line)]
+            if commands and not ROS_NOTE.search(section):
+                unmarked.append(f"{doc.name}, '{section.splitlines()[0]}': {commands[0]}")
+    assert not unmarked, "ROS 2 CLI commands in sections that do not say they need a ROS 2 " \
+        "install:\n" + "\n".join(unmarked)
+
+
+def test_documented_project_commands_exist():
+    """Every console script and `python -m pi0_ros...` module the docs show is one this
+    install has."""
+    scripts = set(_console_scripts())
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for name in sorted(set(re.findall(r"\b(pi0-ros-[a-z-]*[a-z]|pi0_[a-z]+_node)\b", text))):
+            if name not in scripts:
+                missing.append(f"{doc.name}: {name}")
+        for module in sorted(set(re.findall(r"python3? -m ([A-Za-z_][\w.]*)", text))):
+            if module.split(".")[0] == "pi0_ros" and importlib.util.find_spec(module) is None:
+                missing.append(f"{doc.name}: python -m {module}")
+    assert not missing, missing

@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from pi0_ros import policy as policy_mod
 from pi0_ros import processing as P
 from pi0_ros.policy import InputKeys, Policy
 
@@ -74,16 +73,51 @@ def _fake_ckpt(tmp_path: Path, monkeypatch, ref, *, pi05=True, discrete=None, ma
         pi05=pi05, discrete_state_input=pi05 if discrete is None else discrete,
         max_token_len=max_len or (200 if pi05 else 48), cameras=P.MODEL_SLOTS,
         image_size=224, action_dim=32, action_horizon=50,
+        vision=types.SimpleNamespace(image_size=224),
         lm=types.SimpleNamespace(vocab_size=512),
     )
     model = FakeModel(ref["norm.actions_model"][None])
-
-    def load(checkpoint_dir, *, device, dtype, geometry):
-        assert Path(checkpoint_dir) == ckpt
-        return model, cfg
-
-    monkeypatch.setattr(policy_mod, "_load_model", load)
+    model.cfg = cfg
     return ckpt, model
+
+
+class FakeEngine:
+    """The engine-backend surface Policy uses, around FakeModel."""
+
+    name = "fake"
+
+    def __init__(self, model: FakeModel):
+        self.model, self.spec = model, None
+
+    @property
+    def prepared(self) -> bool:
+        return self.spec is not None
+
+    def prepare(self, spec):
+        self.spec = spec
+
+    def infer(self, x):
+        return self.collect(self.begin_prefix(x))
+
+    def begin_prefix(self, x):
+        return x
+
+    def begin_denoise(self, x):
+        pass
+
+    def collect(self, x):
+        return types.SimpleNamespace(actions=self.model.sample_actions(
+            x.images, x.image_masks, x.tokens, x.token_mask, x.state, noise=x.noise,
+            num_steps=self.spec.num_steps))
+
+    def release(self):
+        self.spec = None
+
+
+def _fake_policy(ckpt: Path, model: FakeModel, **kwargs) -> Policy:
+    """openpi's exact pixels (resize="pillow"): these tests compare bytes with openpi's."""
+    kwargs.setdefault("resize", "pillow")
+    return Policy.from_model(model, model.cfg, ckpt, engine=FakeEngine(model), **kwargs)
 
 
 def _libero_obs(ref, strings, index: int) -> dict:
@@ -107,7 +141,7 @@ def _libero_obs(ref, strings, index: int) -> dict:
 def test_pipeline_matches_openpi(conf, pi05, discrete, out_key, index, tmp_path, monkeypatch,
                                  ref, strings):
     ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref, pi05=pi05, discrete=discrete)
-    pol = Policy(ckpt)
+    pol = _fake_policy(ckpt, model)
     obs = _libero_obs(ref, strings, index)
     result = pol.infer(obs)
 
@@ -139,7 +173,7 @@ def test_pipeline_matches_openpi(conf, pi05, discrete, out_key, index, tmp_path,
 
 def test_infer_batch_equals_infer(tmp_path, monkeypatch, ref, strings):
     ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
-    pol = Policy(ckpt)
+    pol = _fake_policy(ckpt, model)
     obs = [_libero_obs(ref, strings, i) for i in (0, 1, 6)]
     batch = pol.infer_batch(obs, noise=np.zeros((3, 50, 32), np.float32))
     assert len(batch) == 3 and model.calls[0]["tokens"].shape == (3, 200)
@@ -151,8 +185,8 @@ def test_infer_batch_equals_infer(tmp_path, monkeypatch, ref, strings):
 
 
 def test_preprocess_postprocess_separately(tmp_path, monkeypatch, ref, strings):
-    ckpt, _ = _fake_ckpt(tmp_path, monkeypatch, ref)
-    pol = Policy(ckpt)
+    ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
+    pol = _fake_policy(ckpt, model)
     batch = pol.preprocess(_libero_obs(ref, strings, 0))
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
         "images": (1, 3, 3, 224, 224), "image_masks": (1, 3), "tokens": (1, 200),
@@ -165,14 +199,14 @@ def test_preprocess_postprocess_separately(tmp_path, monkeypatch, ref, strings):
 
 def test_custom_input_keys_and_cameras(tmp_path, monkeypatch, ref, strings):
     ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
-    pol = Policy(ckpt, input_keys={"state": "joints", "prompt": "task"},
+    pol = _fake_policy(ckpt, model, input_keys={"state": "joints", "prompt": "task"},
                  cameras={"front": "base_0_rgb", "right": "right_wrist_0_rgb"})
     pol.infer({"front": ref["image.img_60x80.input"], "right": ref["image.img_100x300.input"],
                "joints": ref["text.state_raw"][0], "task": "pick"})
     assert model.calls[0]["image_masks"].tolist() == [[True, False, True]]
     with pytest.raises(ValueError, match="unknown input_keys preset"):
-        Policy(ckpt, input_keys="nope")
-    slots = Policy(ckpt, input_keys="slots")
+        _fake_policy(ckpt, model, input_keys="nope")
+    slots = _fake_policy(ckpt, model, input_keys="slots")
     assert slots.cameras.sources == {s: s for s in P.MODEL_SLOTS}
 
 
@@ -181,15 +215,15 @@ def test_default_prompt_and_missing_prompt(tmp_path, monkeypatch, ref, strings):
     obs = _libero_obs(ref, strings, 0)
     del obs["prompt"]
     with pytest.raises(ValueError, match="'prompt'.*no default_prompt"):
-        Policy(ckpt).infer(obs)
-    Policy(ckpt, default_prompt=strings["samples"][0]["prompt"]).infer(obs)
+        _fake_policy(ckpt, model).infer(obs)
+    _fake_policy(ckpt, model, default_prompt=strings["samples"][0]["prompt"]).infer(obs)
     np.testing.assert_array_equal(model.calls[-1]["tokens"][0],
                                   ref["text.pi05.tokenized_prompt"][0])
 
 
 def test_input_errors(tmp_path, monkeypatch, ref, strings):
-    ckpt, _ = _fake_ckpt(tmp_path, monkeypatch, ref)
-    pol = Policy(ckpt)
+    ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
+    pol = _fake_policy(ckpt, model)
     obs = _libero_obs(ref, strings, 0)
     with pytest.raises(ValueError, match=r"'observation/state': expected 8 values, found 7"):
         pol.infer({**obs, "observation/state": obs["observation/state"][:7]})
@@ -208,29 +242,31 @@ def test_input_errors(tmp_path, monkeypatch, ref, strings):
 
 
 def test_missing_side_files(tmp_path, monkeypatch, ref):
-    ckpt, _ = _fake_ckpt(tmp_path, monkeypatch, ref)
+    ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
     (ckpt / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError) as err:
-        Policy(ckpt)
+        _fake_policy(ckpt, model)
     assert str(ckpt / "tokenizer.model") in str(err.value)
     assert str(ckpt / "assets" / "tokenizer.model") in str(err.value)
-    assert isinstance(Policy(ckpt, tokenizer=PRE / "tokenizer.model"), Policy)
+    assert isinstance(_fake_policy(ckpt, model, tokenizer=PRE / "tokenizer.model"), Policy)
 
     shutil.rmtree(ckpt / "assets")
+    (ckpt / "config.json").write_text("{}")  # not empty: an empty dir is refused as such
     with pytest.raises(FileNotFoundError, match="norm stats not found"):
-        Policy(ckpt, tokenizer=PRE)
-    assert isinstance(Policy(ckpt, tokenizer=PRE, norm_stats=PRE / "norm_stats.json"), Policy)
+        _fake_policy(ckpt, model, tokenizer=PRE)
+    assert isinstance(_fake_policy(ckpt, model, tokenizer=PRE,
+                                   norm_stats=PRE / "norm_stats.json"), Policy)
 
 
 def test_wrong_dims_rejected(tmp_path, monkeypatch, ref):
-    ckpt, _ = _fake_ckpt(tmp_path, monkeypatch, ref)
+    ckpt, model = _fake_ckpt(tmp_path, monkeypatch, ref)
     with pytest.raises(ValueError, match="action_dim 40"):
-        Policy(ckpt, action_dim=40)
+        _fake_policy(ckpt, model, action_dim=40)
     with pytest.raises(ValueError, match="state_dim 9 exceeds the 8 dims"):
-        Policy(ckpt, state_dim=9)
-    assert Policy(ckpt, state_dim=6).settings.state_dim == 6
+        _fake_policy(ckpt, model, state_dim=9)
+    assert _fake_policy(ckpt, model, state_dim=6).settings.state_dim == 6
     with pytest.raises(ValueError, match="backend"):
-        Policy(ckpt, backend="")
+        Policy.from_checkpoint(ckpt, backend="")
 
 
 # ---------------------------------------------------------------------------------- real model
@@ -266,9 +302,9 @@ def _tiny_obs(tiny, ref, strings, index=0) -> dict:
 
 
 def test_model_seam_reproduces_openpi_actions(tmp_path, tiny):
-    """The fixture's model-level inputs through Policy._run_model give openpi's actions."""
+    """The fixture's model-level inputs through Policy.run_model give openpi's actions."""
     inputs, expected = tiny
-    pol = Policy(_tiny_ckpt(tmp_path))
+    pol = Policy.from_checkpoint(_tiny_ckpt(tmp_path))
     batch = {
         "images": torch.from_numpy(np.stack(
             [inputs["image.base_0_rgb"], inputs["image.left_wrist_0_rgb"]], axis=1)),
@@ -277,14 +313,14 @@ def test_model_seam_reproduces_openpi_actions(tmp_path, tiny):
         "token_mask": torch.from_numpy(inputs["tokenized_prompt_mask"]),
         "state": torch.from_numpy(inputs["state"]),
     }
-    actions = pol._run_model(batch, torch.from_numpy(inputs["noise"]))
+    actions = pol.run_model(batch, torch.from_numpy(inputs["noise"]))
     assert actions.dtype == torch.float32 and actions.shape == (1, 50, 32)
     np.testing.assert_allclose(actions.numpy(), expected["actions_10"], rtol=0, atol=MODEL_ATOL)
 
 
 def test_end_to_end_tiny_pi05(tmp_path, tiny, ref, strings):
     inputs, _ = tiny
-    pol = Policy(_tiny_ckpt(tmp_path))
+    pol = Policy.from_checkpoint(_tiny_ckpt(tmp_path))
     assert (pol.settings.pi05, pol.settings.discrete_state_input) == (True, True)
     assert (pol.settings.state_dim, pol.settings.action_dim, pol.settings.image_size) == (8, 7, 98)
     obs = _tiny_obs(tiny, ref, strings, 0)
@@ -300,9 +336,9 @@ def test_end_to_end_tiny_pi05(tmp_path, tiny, ref, strings):
     result = pol.infer(obs, noise=noise)
     # Independent reference: the model on the verified tensors, then openpi's Unnormalize written
     # out here (quantile; (x + 1.0) / 2.0 in float32) and LiberoOutputs' first 7 dims.
-    with torch.inference_mode():
-        raw = pol.model.sample_actions(**batch, noise=torch.from_numpy(inputs["noise"]),
-                                       num_steps=10)[0].numpy()
+    # (The model through the policy's own engine: what is checked here is the unnormalization;
+    # engine == sample_actions is test_engine_backend_matches_the_model's.)
+    raw = pol.run_model(batch, torch.from_numpy(inputs["noise"]))[0].numpy()
     stats = json.loads((PRE / "norm_stats.json").read_text())["norm_stats"]["actions"]
     q01, q99 = np.array(stats["q01"]), np.array(stats["q99"])
     expected = (raw[:, :7] + 1.0) / 2.0 * (q99 - q01 + 1e-6) + q01
@@ -316,32 +352,43 @@ def test_end_to_end_tiny_pi05(tmp_path, tiny, ref, strings):
     np.testing.assert_allclose(batch2[1]["actions"], result["actions"], rtol=0, atol=1e-5)
 
 
-def test_engine_backend_matches_direct_path(tmp_path, tiny, ref, strings):
-    """backend='eager' calls sample_actions; an engine backend goes through pi0_ros.engine."""
+def test_engine_backend_matches_the_model(tmp_path, tiny, ref, strings):
+    """Policy runs the model through an engine backend (eager here), prepared once: its actions
+    equal the model's own sample_actions, the KV cache is allocated once, and a graph-style
+    backend refuses a batch larger than it was prepared for."""
     ckpt = _tiny_ckpt(tmp_path)
-    direct = Policy(ckpt)
+    pol = Policy.from_checkpoint(ckpt)
     obs = _tiny_obs(tiny, ref, strings, 0)
     noise = tiny[0]["noise"][0]
-    expected = direct.infer(obs, noise=noise)["actions"]
-    from pi0_ros.engine import EagerBackend
-
-    engine = Policy(ckpt)
-    engine._engine = EagerBackend(engine.model, engine.device)  # what backend="<name>" builds
-    got = engine.infer(obs, noise=noise)["actions"]
-    assert engine._engine.prepared
+    batch = pol.preprocess(obs)
+    with torch.inference_mode():
+        raw = pol.model.sample_actions(**batch, noise=torch.from_numpy(noise)[None],
+                                       num_steps=10)
+    expected = pol.postprocess(raw[0])
+    got = pol.infer(obs, noise=noise)["actions"]
+    assert pol.engine.prepared and pol.engine.name == "eager"
     np.testing.assert_allclose(got, expected, rtol=0, atol=MODEL_ATOL)
+    caches = [id(c.k) for c in pol.engine._slots[0].caches.values()]
+    pol.infer(obs, noise=noise)
+    assert [id(c.k) for c in pol.engine._slots[0].caches.values()] == caches  # reused
+    pol.engine.name = "cuda_graph"  # what a captured backend does on a larger batch
     with pytest.raises(ValueError, match="prepared for batch 1"):
-        engine.infer_batch([obs, obs])
+        pol.infer_batch([obs, obs])
     with pytest.raises(ValueError, match="unknown backend"):
-        Policy(ckpt, backend="no_such_backend")
+        Policy.from_checkpoint(ckpt, backend="no_such_backend")
+    pol.close()
+    assert pol.engine is None
+    with pytest.raises(RuntimeError, match="no model"):
+        pol.infer(obs)
 
 
 def test_lerobot_layout_gives_the_same_actions(tmp_path, tiny, ref, strings):
-    pol_openpi = Policy(_tiny_ckpt(tmp_path))
+    pol_openpi = Policy.from_checkpoint(_tiny_ckpt(tmp_path))
     lerobot_dir = tmp_path / "lerobot"
     shutil.copytree(LEROBOT, lerobot_dir)
     # LeRobot's config.json names gemma_2b / gemma_300m; the tiny sizes are in fixture.json.
-    pol_lerobot = Policy(lerobot_dir, geometry=LEROBOT / "fixture.json")
+    pol_lerobot = Policy.from_checkpoint(lerobot_dir, geometry=LEROBOT / "fixture.json",
+                                         semantics="openpi")  # same numerics, other layout
     assert pol_lerobot.normalizer.modes == {"state": "quantile", "actions": "quantile"}
     assert pol_lerobot.settings == pol_openpi.settings
     obs = _tiny_obs(tiny, ref, strings, 1)
@@ -363,7 +410,7 @@ def test_end_to_end_tiny_pi0_random_weights(tmp_path, ref, strings):
     ckpt = save_checkpoint(random_init_(Pi0Model(tiny_config(pi05=False, num_cameras=3)), 0),
                            tmp_path / "pi0_tiny")
     shutil.copy(PRE / "tokenizer.model", ckpt / "tokenizer.model")
-    pol = Policy(ckpt, norm_stats=PRE / "norm_stats.json")
+    pol = Policy.from_checkpoint(ckpt, norm_stats=PRE / "norm_stats.json")
     assert (pol.settings.pi05, pol.settings.discrete_state_input) == (False, False)
     assert pol.normalizer.modes == {"state": "zscore", "actions": "zscore"}
     obs = _libero_obs(ref, strings, 2)

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-from diagnostic_msgs.msg import DiagnosticStatus
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from test_policy_node_harness import (
@@ -27,6 +26,7 @@ from test_policy_node_harness import (
 )
 from visualization_msgs.msg import Marker
 
+from pi0_ros.pipeline import ERROR, OK
 from pi0_ros.ros import conversions as conv
 
 pytest.importorskip("pi0_ros_msgs.msg", reason="pi0_ros_msgs is not built into this environment")
@@ -127,7 +127,7 @@ def _state(h):
     worker = h.node._worker
     return (
         f"state {h.state()}, counts {h.node.counts()}, worker {worker and worker.stats}, "
-        f"sync queues {h.node._sync and h.node._sync.queue_lengths()}, "
+        f"sync queues {h.node.pipeline.sync and h.node.pipeline.sync.queue_lengths()}, "
         f"subscribers {[p.get_subscription_count() for p in h._pubs.values()]}"
     )
 
@@ -236,15 +236,15 @@ def test_diagnostics_report(h):
 
 def test_prompt_topic_changes_the_prompt(h):
     h.prompt_pub.publish(String(data="open the drawer"))
-    wait_for(lambda: h.node._prompt == "open the drawer", what="prompt update")
+    wait_for(lambda: h.node.pipeline.prompt == "open the drawer", what="prompt update")
     _ensure_chunk(h)
     assert h.control.seen_prompts[-1] == "open the drawer"
 
 
 def test_empty_prompt_is_rejected_and_the_old_one_kept(h):
-    prompt = h.node._prompt
+    prompt = h.node.pipeline.prompt
     _assert_rejected(h, "empty_prompt", lambda: h.prompt_pub.publish(String(data="  ")))
-    assert h.node._prompt == prompt
+    assert h.node.pipeline.prompt == prompt
 
 
 # --- bad images -------------------------------------------------------------------------------
@@ -365,10 +365,10 @@ def test_silent_camera_pauses_inference_and_recovers(h):
 
     wait_for(publish_without_cam2, 5 * MAX_AGE + WAIT, what="silence detection")
     level, message, _ = h.node.diagnostics()
-    assert level == DiagnosticStatus.ERROR and CAMS[2] in message
+    assert level == ERROR and CAMS[2] in message
     wait_for(
         lambda: any(
-            s.level == DiagnosticStatus.ERROR for d in h.diagnostics[-3:] for s in d.status
+            s.level == bytes([ERROR]) for d in h.diagnostics[-3:] for s in d.status
         ),
         what="ERROR on /diagnostics",
     )
@@ -377,7 +377,7 @@ def test_silent_camera_pauses_inference_and_recovers(h):
         _publish_set(h, skip=(2,))
     assert h.n("chunks") == chunks  # no set can form without cam2
     _ensure_chunk(h)  # cam2 is back: recovers by itself
-    assert h.node.diagnostics()[0] == DiagnosticStatus.OK
+    assert h.node.diagnostics()[0] == OK
 
 
 def test_exception_inside_inference_is_counted_and_serving_continues(h):
@@ -419,7 +419,7 @@ def test_flood_three_cameras_60hz_with_slow_inference(h):
     inferred = h.control.calls - calls0
     assert inferred <= 2.0 / 0.2 + 2  # the model is the bottleneck, not a queue
     assert counts1.get("dropped_observations", 0) > counts0.get("dropped_observations", 0)
-    assert max(h.node._sync.queue_lengths()) <= OVERRIDES.get("sync.queue_size", 10)
+    assert max(h.node.pipeline.sync.queue_lengths()) <= OVERRIDES.get("sync.queue_size", 10)
     assert (rss1 - rss0) < 50 * 1024, f"max RSS grew by {(rss1 - rss0) / 1024:.1f} MiB"
     stamps = [conv.stamp_to_ns(c.header.stamp) for c in _chunks_since(h, chunks0)]
     assert stamps == sorted(stamps)  # newest wins, never an older observation after a newer one

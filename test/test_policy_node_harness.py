@@ -30,7 +30,7 @@ from visualization_msgs.msg import MarkerArray  # noqa: E402
 from ros_helpers import WAIT, fresh_domain_id, wait_for  # noqa: E402
 
 from pi0_ros.ros import conversions as conv  # noqa: E402
-from pi0_ros.ros.node import PolicyNode  # noqa: E402
+from pi0_ros.ros.node import PolicyNode, make_executor  # noqa: E402
 from pi0_ros.ros.params import EMPTY_ARRAY_TYPES  # noqa: E402
 
 STATE_NAMES = ["j1", "j2", "j3"]
@@ -61,6 +61,9 @@ class FakeControl:
     seen_shapes: list[dict] = field(default_factory=list)
     action_dim: int | None = None  # None: len(state)
     fail_load: Exception | None = None
+    load_gate: threading.Event | None = None  # the factory (configure) waits on it
+    loading: threading.Event = field(default_factory=threading.Event)
+    state_dim: int | None = None  # exposed as policy.state_dim (a real Policy's)
     instances: int = 0
     closed: int = 0
 
@@ -72,9 +75,21 @@ class FakePolicy:
         self.control = control
         self.camera_slots = tuple(s or f"slot{i}" for i, s in enumerate(slots))
         self.model_name = "fake_pi05"
+        self.noise_shape = None  # takes no noise
+        self.state_dim = control.state_dim  # a real Policy's settings.state_dim
+        self.rtc = None
         control.instances += 1
 
-    def infer(self, obs: dict) -> dict:
+    def prompt_fit(self, prompt, state):
+        return None
+
+    def status(self):
+        return {}
+
+    def prepare_image(self, rgb: np.ndarray, name: str) -> np.ndarray:
+        return rgb
+
+    def infer(self, obs: dict, noise=None) -> dict:
         c = self.control
         c.calls += 1
         c.seen_prompts.append(obs["prompt"])
@@ -99,6 +114,9 @@ class FakePolicy:
 
 def fake_factory(control: FakeControl) -> Callable:
     def factory(config, slots):
+        control.loading.set()
+        if control.load_gate is not None:
+            assert control.load_gate.wait(WAIT), "load gate never opened"
         if control.fail_load is not None:
             raise control.fail_load
         return FakePolicy(control, tuple(slots))
@@ -129,6 +147,7 @@ class Harness:
         control: FakeControl | None = None,
         policy_factory: Callable | None = None,
         node_name: str = "policy",
+        namespace: str = "",
     ) -> None:
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=fresh_domain_id())
@@ -136,6 +155,7 @@ class Harness:
         params = [_parameter(k, v) for k, v in overrides.items()]
         self.node = PolicyNode(
             node_name,
+            namespace=namespace,
             context=self.context,
             parameter_overrides=params,
             policy_factory=policy_factory or fake_factory(self.control),
@@ -149,7 +169,7 @@ class Harness:
         self.markers: list[MarkerArray] = []
         self.diagnostics: list[DiagnosticArray] = []
         self._pubs: dict[str, Any] = {}
-        ns = f"/{node_name}"
+        ns = f"{namespace.rstrip('/')}/{node_name}"
         try:
             from pi0_ros_msgs.msg import ActionChunk
 
@@ -171,15 +191,17 @@ class Harness:
         self.prompt_pub = self.robot.create_publisher(String, f"{ns}/prompt", 10)
         self.change_state = self.robot.create_client(ChangeState, f"{ns}/change_state")
         self.get_state = self.robot.create_client(GetState, f"{ns}/get_state")
-        # As in production (pi0_policy_node's main), the node under test has a single-threaded
-        # executor of its own; the robot spins on another thread, so a slow or blocking node
-        # callback cannot hide the robot's traffic and vice versa.
+        # As in production (pi0_policy_node's main), the node under test has its own executor
+        # (make_executor: single-threaded data path, lifecycle services and /diagnostics on side
+        # threads); the robot spins on another thread, so a slow or blocking node callback
+        # cannot hide the robot's traffic and vice versa.
         self._closing = False
         self.spin_errors: list[str] = []
         self.executors = []
         self._spins = []
         for node in (self.node, self.robot):
-            executor = SingleThreadedExecutor(context=self.context)
+            executor = (make_executor(node, self.context) if node is self.node
+                        else SingleThreadedExecutor(context=self.context))
             executor.add_node(node)
             thread = threading.Thread(target=self._spin_forever, args=(executor,), daemon=True)
             thread.start()

@@ -20,7 +20,7 @@ from sensor_msgs.msg import Image, JointState
 from test_policy_node_harness import WAIT, Harness, wait_for
 
 from pi0_ros.ros import conversions as conv
-from pi0_ros.ros.node import default_policy_factory
+from pi0_ros.pipeline import load_policy as default_policy_factory
 
 pytest.importorskip("pi0_ros_msgs.msg", reason="pi0_ros_msgs is not built into this environment")
 
@@ -122,7 +122,7 @@ def test_real_policy_publishes_chunks(h):
         ({"cameras.topics": ["/a", "/b", "/c", "/d"]}, {"cameras.topics": CAMS}),
         ({"joint_states.names": []}, {"joint_states.names": STATE_NAMES}),
         ({"actions.joint_names": []}, {"actions.joint_names": ACTION_NAMES}),
-        ({"max_rate": -1.0}, {"max_rate": 0.0}),
+        ({"sync.queue_size": 0}, {"sync.queue_size": 10}),
         ({"sync.slop": -0.1}, {"sync.slop": 0.05}),
         ({"max_input_age": -2.0}, {"max_input_age": 2.0}),
         ({"cameras.transports": ["raw", "pigeon"]}, {"cameras.transports": ["raw", "raw"]}),
@@ -132,7 +132,7 @@ def test_real_policy_publishes_chunks(h):
         "four_cameras",
         "empty_state_joints",
         "empty_action_joints",
-        "negative_rate",
+        "zero_queue",
         "negative_slop",
         "negative_age",
         "bad_transport",

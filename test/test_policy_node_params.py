@@ -105,4 +105,5 @@ def test_shipped_config_declares_only_known_parameters_and_is_valid():
     values = {**GOOD, **flat, "checkpoint": "/ckpt"}
     config = config_from_parameters(values.__getitem__)
     assert len(config.cameras) == 2
-    assert len(config.state_joint_names) == 8 and len(config.action_joint_names) == 7
+    # The demo checkpoint's layout; state and action joints (and config/executor.yaml) agree.
+    assert len(config.state_joint_names) == 8 and len(config.action_joint_names) == 8

@@ -115,6 +115,8 @@ def _start(ckpt: Path, domain_id: int, log: Path, *extra: str) -> subprocess.Pop
         "-p", "model.num_steps:=2",
         "-p", "model.warmup:=1",
         "-p", "max_input_age:=2.0",
+        # config/policy_node.yaml fits the demo checkpoint (8 actions); the tiny fixture has 7.
+        "-p", "actions.joint_names:=[joint1, joint2, joint3, joint4, joint5, joint6, gripper]",
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -25,7 +25,9 @@ LEROBOT = FIXTURES / "lerobot_tiny_pi05"
 
 NORM_RTOL = 1e-12  # float64 reproduction of float64 openpi values (README: <= 1e-12 relative)
 NORM_ATOL = 0.0
-MAX_PIXEL_DIFF = 0  # PIL is used, so resized images must be bit-identical
+MAX_PIXEL_DIFF = 0  # resize="pillow": PIL itself, so resized images must be bit-identical
+FAST_MAX_LEVEL_DIFF = 1  # resize="fast": torch's uint8 kernel, within 1 uint8 level of PIL
+FAST_MAX_DIFF_FRACTION = 0.02  # of one 224x224x3 frame's values (measured <= 1.02 %; printed)
 IMAGE_SIZE = 224
 CONFS = {  # conf -> (max_len, discrete_state, use_quantiles)
     "pi0": (48, False, False),
@@ -92,24 +94,67 @@ def _image_cases(strings):
     return {img["name"]: img for img in strings["images"]}
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["img_480x640", "img_720x1280", "img_224x224", "img_100x300", "img_301x97", "img_60x80"],
-)
-def test_resize_with_pad_matches_openpi(name, ref, strings):
+FIXTURE_IMAGES = ["img_480x640", "img_720x1280", "img_224x224", "img_100x300", "img_301x97",
+                  "img_60x80"]
+SHRUNK_FIXTURE_IMAGES = ["img_480x640", "img_720x1280", "img_100x300", "img_301x97"]
+
+
+def _fixture_input(name, ref, strings) -> np.ndarray:
     meta = _image_cases(strings)[name]
     if meta["stored"]:
         image = ref[f"image.{name}.input"]
     else:
         image = _recipe_image(meta["height"], meta["width"])
     assert _sha(image) == meta["input_sha256"]
+    return image
 
-    resized = P.resize_with_pad(image, IMAGE_SIZE, IMAGE_SIZE)
+
+def _levels(model_float: np.ndarray) -> np.ndarray:
+    """Model floats (LUT values) -> the uint8 levels they encode."""
+    return np.rint((model_float.astype(np.float64) + 1.0) * 127.5).astype(np.int64)
+
+
+def _assert_exact_openpi(name, image, resized, model, ref, strings):
+    """Every byte of openpi's resize-with-pad and float conversion (the fixture's hashes)."""
+    meta = _image_cases(strings)[name]
     assert resized.dtype == np.uint8 and resized.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     if f"image.{name}.resized" in ref:
         diff = np.abs(resized.astype(int) - ref[f"image.{name}.resized"].astype(int))
-        assert diff.max() <= MAX_PIXEL_DIFF
-    assert _sha(resized) == meta["resized_sha256"]
+        assert diff.max() <= MAX_PIXEL_DIFF, (
+            f"{name}: {np.count_nonzero(diff)} pixel values differ from openpi, max {diff.max()}")
+    assert _sha(resized) == meta["resized_sha256"], f"{name}: resized bytes differ from openpi"
+    assert _sha(model[None]) == meta["model_float_sha256"], f"{name}: model floats differ"
+    if f"image.{name}.model_float" in ref:
+        assert model[None].tobytes() == ref[f"image.{name}.model_float"].tobytes()
+
+
+def _openpi_resized(name, ref, strings) -> np.ndarray:
+    """openpi's resized uint8 image: stored, or (224x224) the input returned unchanged."""
+    if f"image.{name}.resized" in ref:
+        return ref[f"image.{name}.resized"]
+    assert _image_cases(strings)[name]["returned_unchanged"]
+    return _fixture_input(name, ref, strings)
+
+
+def _diff_report(label: str, ours: np.ndarray, expected: np.ndarray) -> tuple[int, float, str]:
+    diff = np.abs(ours.astype(np.int64) - expected.astype(np.int64))
+    fraction = float(np.count_nonzero(diff)) / diff.size
+    text = (f"{label}: max diff {int(diff.max())} levels, {np.count_nonzero(diff)} of "
+            f"{diff.size} values differ ({100 * fraction:.3f} %)")
+    print(text)
+    return int(diff.max()), fraction, text
+
+
+@pytest.mark.parametrize("name", FIXTURE_IMAGES)
+def test_resize_with_pad_matches_openpi(name, ref, strings):
+    """resize="pillow": bit-identical to openpi on every fixture image."""
+    meta = _image_cases(strings)[name]
+    image = _fixture_input(name, ref, strings)
+
+    resized = P.resize_with_pad(image, IMAGE_SIZE, IMAGE_SIZE, resize="pillow")
+    model = P.image_to_model(resized)
+    assert model.dtype == np.float32 and model.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    _assert_exact_openpi(name, image, resized, model, ref, strings)
     if meta["returned_unchanged"]:
         assert resized is image
 
@@ -119,17 +164,205 @@ def test_resize_with_pad_matches_openpi(name, ref, strings):
     assert [new_h, new_w] == meta["resized_hw"]
     assert [top, left] == meta["pad_top_left"]
 
-    model = P.image_to_model(resized)
-    assert model.dtype == np.float32 and model.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    assert _sha(model[None]) == meta["model_float_sha256"]
-    if f"image.{name}.model_float" in ref:
-        assert model[None].tobytes() == ref[f"image.{name}.model_float"].tobytes()
-
-    # The fused path (no canvas, padding written as -1) gives the same bytes.
+    # The fused path (no canvas, padding written as -1) gives the same bytes, on the host and
+    # through the device form (run here on the CPU device).
     out = np.full((3, IMAGE_SIZE, IMAGE_SIZE), 7.0, dtype=np.float32)
-    fused = P.prepare_image(image, IMAGE_SIZE, out=out)
+    fused = P.prepare_image(image, IMAGE_SIZE, out=out, resize="pillow")
     assert fused is out
     assert fused.tobytes() == model.tobytes()
+    on_device = P.prepare_image_tensor(image, IMAGE_SIZE, "cpu", resize="pillow")
+    assert on_device.numpy().tobytes() == model.tobytes()
+    prepared = P.PreparedImage.from_uint8(image, IMAGE_SIZE, resize="pillow")
+    assert prepared.data.tobytes() == model.tobytes() and prepared.resize == "pillow"
+
+
+@pytest.mark.parametrize("name", FIXTURE_IMAGES)
+def test_fast_resize_within_one_level_of_openpi(name, ref, strings):
+    """resize="fast" (the default): every value within 1 level of openpi's, on every fixture
+    image, through each entry point; the fraction of differing values is printed and in the
+    assertion message."""
+    image = _fixture_input(name, ref, strings)
+    expected = _openpi_resized(name, ref, strings)  # (224, 224, 3) uint8, openpi's bytes
+    expected_levels = expected.transpose(2, 0, 1)  # (3, 224, 224)
+
+    resized = P.resize_with_pad(image, IMAGE_SIZE, IMAGE_SIZE)  # default: fast
+    assert resized.dtype == np.uint8 and resized.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    outputs = {
+        "resize_with_pad": resized.transpose(2, 0, 1),
+        "prepare_image": _levels(P.prepare_image(image, IMAGE_SIZE)),
+        "PreparedImage.from_uint8": _levels(P.PreparedImage.from_uint8(image, IMAGE_SIZE).data),
+        "prepare_image_tensor(cpu)": _levels(P.prepare_image_tensor(image, IMAGE_SIZE).numpy()),
+    }
+    for label, levels in outputs.items():
+        worst, fraction, text = _diff_report(f"{name} fast {label}", levels, expected_levels)
+        assert worst <= FAST_MAX_LEVEL_DIFF, text
+        assert fraction <= FAST_MAX_DIFF_FRACTION, text
+    # The host entry points share one kernel: identical among themselves.
+    assert np.array_equal(outputs["prepare_image"], outputs["resize_with_pad"])
+    assert np.array_equal(outputs["PreparedImage.from_uint8"], outputs["prepare_image"])
+    # Padding stays exact black: every differing value lies inside the resized region.
+    meta = _image_cases(strings)[name]
+    (new_h, new_w), (top, left) = meta["resized_hw"], meta["pad_top_left"]
+    inside = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    inside[top : top + new_h, left : left + new_w] = True
+    assert not np.any((outputs["prepare_image"] != expected_levels)[:, ~inside])
+
+
+@pytest.mark.parametrize("name", SHRUNK_FIXTURE_IMAGES)
+def test_fast_resize_fails_the_exact_openpi_test(name, ref, strings):
+    """The switch is real: the default path does not produce openpi's bytes on a shrink."""
+    image = _fixture_input(name, ref, strings)
+    resized = P.resize_with_pad(image, IMAGE_SIZE, IMAGE_SIZE)
+    model = P.prepare_image(image, IMAGE_SIZE)
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_exact_openpi(name, image, resized, model, ref, strings)
+
+
+def test_fast_resize_is_pillow_when_enlarging_or_unchanged(ref, strings):
+    """Enlarging goes through Pillow (torch's uint8 kernel is 2 levels off there); an image
+    already at the model size is only converted.  Both are exact under the default."""
+    for name in ("img_60x80", "img_224x224"):
+        image = _fixture_input(name, ref, strings)
+        fast = P.prepare_image(image, IMAGE_SIZE)
+        exact = P.prepare_image(image, IMAGE_SIZE, resize="pillow")
+        assert fast.tobytes() == exact.tobytes(), name
+
+
+# Geometries beyond the fixture: odd sizes, 1-pixel results, extreme aspect ratios both ways,
+# near-square shrinks by one pixel, enlargements, large frames.
+EXTRA_GEOMETRIES = [
+    (481, 641), (479, 639), (1080, 1920), (300, 99), (224, 225), (225, 224), (333, 777),
+    (1000, 20), (20, 1000), (2000, 9), (9, 2000), (448, 2), (2, 448), (9, 1000), (224, 100),
+    (100, 224), (223, 1), (1, 223),
+    (50, 50), (113, 57), (1, 1),
+]
+
+
+@pytest.mark.parametrize("kind", ["noise", "recipe"])
+@pytest.mark.parametrize("shape", EXTRA_GEOMETRIES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fast_resize_within_one_level_on_more_geometries(shape, kind):
+    h, w = shape
+    if kind == "noise":
+        image = np.random.default_rng(h * 10007 + w).integers(0, 256, (h, w, 3), np.uint8)
+    else:
+        if h < 2 or w < 2:
+            pytest.skip("the recipe needs at least 2 x 2 pixels")
+        image = _recipe_image(h, w)
+    exact = P.prepare_image(image, IMAGE_SIZE, resize="pillow")
+    for label, out in (
+        ("prepare_image", P.prepare_image(image, IMAGE_SIZE)),
+        ("prepare_image_tensor(cpu)", P.prepare_image_tensor(image, IMAGE_SIZE).numpy()),
+    ):
+        worst, fraction, text = _diff_report(f"{h}x{w} {kind} fast {label}", _levels(out),
+                                             _levels(exact))
+        assert worst <= FAST_MAX_LEVEL_DIFF, text
+        # 1-2 pixel wide results are mostly edge pixels: allow more of them to differ.
+        small = min(P.resize_geometry(h, w, IMAGE_SIZE, IMAGE_SIZE)[:2]) < 8
+        assert small or fraction <= FAST_MAX_DIFF_FRACTION, text
+
+
+def test_fast_resize_same_bytes_for_any_torch_thread_count(ref):
+    """The uint8 kernel is integer arithmetic: the thread count (which does change float model
+    outputs, docs/REPLAY.md) never changes the prepared images."""
+    torch = pytest.importorskip("torch")
+    image = ref["image.img_480x640.input"]
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            P.set_torch_threads(threads)
+            outputs.append(P.prepare_image(image, IMAGE_SIZE).tobytes())
+    finally:
+        torch.set_num_threads(before)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_fast_resize_reads_read_only_buffers():
+    """ROS message data arrives as read-only memory: same result, no torch warning."""
+    image = np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8)  # a shrink
+    expected = P.prepare_image(image, IMAGE_SIZE)
+    frozen = image.copy()
+    frozen.flags.writeable = False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.prepare_image(frozen, IMAGE_SIZE).tobytes() == expected.tobytes()
+        assert P.prepare_image_tensor(frozen, IMAGE_SIZE).numpy().tobytes() == (
+            P.prepare_image_tensor(image, IMAGE_SIZE).numpy().tobytes())
+
+
+def test_prepare_image_tensor_writes_out_in_place(ref):
+    torch = pytest.importorskip("torch")
+    image = ref["image.img_480x640.input"]
+    out = torch.full((3, IMAGE_SIZE, IMAGE_SIZE), 7.0)
+    assert P.prepare_image_tensor(image, IMAGE_SIZE, "cpu", out=out) is out
+    assert torch.all(out[:, :28] == -1.0) and torch.all(out[:, 28 + 168 :] == -1.0)
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA (the device resize path)"
+)
+@pytest.mark.parametrize("name", FIXTURE_IMAGES)
+def test_prepare_image_tensor_on_cuda(name, ref, strings):
+    image = _fixture_input(name, ref, strings)
+    expected = _openpi_resized(name, ref, strings).transpose(2, 0, 1)
+    exact = P.prepare_image_tensor(image, IMAGE_SIZE, "cuda", resize="pillow")
+    assert exact.device.type == "cuda"
+    assert exact.cpu().numpy().tobytes() == P.prepare_image(image, IMAGE_SIZE,
+                                                            resize="pillow").tobytes()
+    fast = P.prepare_image_tensor(image, IMAGE_SIZE, "cuda")
+    worst, fraction, text = _diff_report(f"{name} fast cuda", _levels(fast.cpu().numpy()),
+                                         expected)
+    assert worst <= FAST_MAX_LEVEL_DIFF and fraction <= FAST_MAX_DIFF_FRACTION, text
+
+
+def test_resize_setting_is_validated(ref):
+    image = ref["image.img_480x640.input"]
+    with pytest.raises(ValueError, match=r"resize: expected one of \['fast', 'pillow', "
+                                         r"'lerobot'\], "
+                                         r"found 'bicubic'"):
+        P.prepare_image(image, IMAGE_SIZE, resize="bicubic")
+    with pytest.raises(ValueError, match="resize: expected one of"):
+        P.resize_with_pad(image, IMAGE_SIZE, IMAGE_SIZE, resize="PIL")
+    with pytest.raises(ValueError, match="image 'cam': resize: expected one of"):
+        P.PreparedImage.from_uint8(image, IMAGE_SIZE, "cam", resize=None)
+    with pytest.raises(ValueError, match="PreparedImage.resize: expected one of"):
+        P.PreparedImage(np.zeros((3, 4, 4), np.float32), resize="exact")
+    with pytest.raises(ValueError, match="resize: expected one of"):
+        P.prepare_image_tensor(image, IMAGE_SIZE, resize="nearest")
+    mapping = P.CameraMapping(slots=P.MODEL_SLOTS[:1], sources={"a": "base_0_rgb"})
+    with pytest.raises(ValueError, match="resize: expected one of"):
+        mapping.assemble({"a": image}, IMAGE_SIZE, resize="Fast")
+    assert P.RESIZE_METHODS == ("fast", "pillow", "lerobot") and P.DEFAULT_RESIZE == "fast"
+
+
+def test_prepared_with_another_resize_is_refused(ref):
+    mapping = P.CameraMapping(slots=P.MODEL_SLOTS[:1], sources={"a": "base_0_rgb"})
+    image = ref["image.img_480x640.input"]
+    fast = P.PreparedImage.from_uint8(image, IMAGE_SIZE)
+    assert fast.resize == "fast"
+    with pytest.raises(ValueError, match="camera 'a': prepared with resize='fast', the "
+                                         "preprocessor uses resize='pillow'"):
+        mapping.assemble({"a": fast}, IMAGE_SIZE, resize="pillow")
+    # Not recorded (a caller's own PreparedImage(data)): accepted by either.
+    images, _ = mapping.assemble({"a": P.PreparedImage(fast.data)}, IMAGE_SIZE, resize="pillow")
+    assert images[0].tobytes() == fast.data.tobytes()
+
+
+def test_set_torch_threads():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        assert P.set_torch_threads(1) == before
+        assert torch.get_num_threads() == 1
+        assert P.set_torch_threads(2) == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"torch threads: expected a positive int, found"):
+            P.set_torch_threads(bad)
 
 
 def test_resize_geometry_odd_padding_goes_bottom_right():
@@ -170,22 +403,28 @@ def test_camera_mapping_missing_camera_black_and_masked(ref):
         sources={"observation/image": "base_0_rgb", "observation/wrist_image": "left_wrist_0_rgb"},
     )
     img = ref["image.img_480x640.input"]
-    images, masks = mapping.assemble({"observation/image": img}, IMAGE_SIZE)
+    images, masks = mapping.assemble({"observation/image": img}, IMAGE_SIZE, resize="pillow")
     assert images.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == np.float32
     assert masks.tolist() == [True, False, False]
     assert np.all(images[1:] == -1.0)
     expected = P.image_to_model(ref["image.img_480x640.resized"])
     assert images[0].tobytes() == expected.tobytes()
+    fast, _ = mapping.assemble({"observation/image": img}, IMAGE_SIZE)  # default: fast
+    assert np.all(fast[1:] == -1.0)
+    assert np.abs(_levels(fast[0]) - _levels(expected)).max() == FAST_MAX_LEVEL_DIFF
 
 
 def test_prepared_images_give_the_same_tensors(ref):
     mapping = P.CameraMapping(slots=P.MODEL_SLOTS[:2], sources={"a": "base_0_rgb",
                                                                 "b": "left_wrist_0_rgb"})
     raw = {"a": ref["image.img_480x640.input"], "b": ref["image.img_301x97.input"]}
-    prepared = {k: P.PreparedImage.from_uint8(v, IMAGE_SIZE) for k, v in raw.items()}
-    images, masks = mapping.assemble(raw, IMAGE_SIZE)
-    images2, masks2 = mapping.assemble(prepared, IMAGE_SIZE)
-    assert images.tobytes() == images2.tobytes() and masks.tolist() == masks2.tolist() == [1, 1]
+    for resize in P.RESIZE_METHODS:
+        prepared = {k: P.PreparedImage.from_uint8(v, IMAGE_SIZE, resize=resize)
+                    for k, v in raw.items()}
+        images, masks = mapping.assemble(raw, IMAGE_SIZE, resize=resize)
+        images2, masks2 = mapping.assemble(prepared, IMAGE_SIZE, resize=resize)
+        assert images.tobytes() == images2.tobytes(), resize
+        assert masks.tolist() == masks2.tolist() == [1, 1]
     with pytest.raises(ValueError, match="prepared at 98x98"):
         mapping.assemble({"a": P.PreparedImage.from_uint8(raw["a"], 98)}, IMAGE_SIZE)
     with pytest.raises(ValueError, match="float32"):
@@ -338,35 +577,7 @@ def test_tokenizer_cache_returns_read_only_equal_arrays(tokenizers):
 # ------------------------------------------------------------------------------ tokenizer files
 
 
-def test_find_tokenizer_locations(tmp_path):
-    ckpt = tmp_path / "run" / "ckpt"
-    (ckpt / "assets").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError) as err:
-        P.find_tokenizer(ckpt)
-    msg = str(err.value)
-    for place in (ckpt, ckpt.parent, ckpt / "assets"):
-        assert str(place / "tokenizer.model") in msg
-
-    shutil.copy(PRE / "tokenizer.model", ckpt / "assets" / "tokenizer.model")
-    assert P.find_tokenizer(ckpt) == ckpt / "assets" / "tokenizer.model"
-    shutil.copy(PRE / "tokenizer.model", ckpt.parent / "tokenizer.model")
-    assert P.find_tokenizer(ckpt) == ckpt.parent / "tokenizer.model"
-    shutil.copy(PRE / "tokenizer.model", ckpt / "tokenizer.model")
-    assert P.find_tokenizer(ckpt) == ckpt / "tokenizer.model"
-    other = tmp_path / "tok.model"
-    shutil.copy(PRE / "tokenizer.model", other)
-    assert P.find_tokenizer(ckpt, other) == other
-    assert P.find_tokenizer(None, tmp_path / "run") == ckpt.parent / "tokenizer.model"
-
-    missing = tmp_path / "nope.model"
-    with pytest.raises(FileNotFoundError, match="configured tokenizer"):
-        P.find_tokenizer(None, missing)
-
-
-def test_tokenizer_json_only_is_a_clear_error(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        P.PromptTokenizer(tmp_path, 48)
+# find_tokenizer / find_norm_stats: test/test_assets.py (pi0_ros.model.assets)
 
 
 def test_tokenizer_from_directory(tmp_path, strings, ref):
@@ -500,29 +711,6 @@ def test_norm_stats_errors(tmp_path):
         P.NormStats(mean=[0.0, 1.0], std=[1.0])
 
 
-def test_find_norm_stats(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    with pytest.raises(FileNotFoundError) as err:
-        P.find_norm_stats(ckpt)
-    assert "assets" in str(err.value) and "policy_preprocessor.json" in str(err.value)
-    for asset in ("libero", "droid"):
-        (ckpt / "assets" / asset).mkdir(parents=True)
-        shutil.copy(PRE / "norm_stats.json", ckpt / "assets" / asset / "norm_stats.json")
-        if asset == "libero":
-            assert P.find_norm_stats(ckpt) == (
-                "openpi",
-                ckpt / "assets" / "libero" / "norm_stats.json",
-            )
-    with pytest.raises(ValueError, match="several assets"):
-        P.find_norm_stats(ckpt)
-    assert P.find_norm_stats(ckpt, "droid")[1] == ckpt / "assets" / "droid" / "norm_stats.json"
-    assert P.find_norm_stats(ckpt, PRE / "norm_stats.json")[1] == PRE / "norm_stats.json"
-    with pytest.raises(FileNotFoundError, match="aloha"):
-        P.find_norm_stats(ckpt, "aloha")
-    assert P.find_norm_stats(LEROBOT) == ("lerobot", LEROBOT)
-
-
 def test_pad_to_dim():
     x = np.arange(3, dtype=np.float64)
     padded = P.pad_to_dim(x, 5)
@@ -534,16 +722,32 @@ def test_pad_to_dim():
 def test_bench_host_smoke(tmp_path):
     import os
 
+    import torch
+
     from pi0_ros.tools import bench_host
 
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = torch.get_num_threads()
     out = tmp_path / "bench.json"
-    assert bench_host.main(["--iters", "5", "--warmup", "1", "--cameras", "2", "--json",
-                            str(out), "--tokenizer", str(PRE / "tokenizer.model"),
+    assert bench_host.main(["--iters", "3", "--warmup", "1", "--cameras", "2", "--height", "120",
+                            "--width", "160", "--json", str(out),
+                            "--tokenizer", str(PRE / "tokenizer.model"),
                             "--norm-stats", str(PRE / "norm_stats.json")]) == 0
     result = json.loads(out.read_text())
-    for part in ("total", "cameras", "normalize+tokenize", "prepared_cameras"):
-        assert 0 < result[part]["p50"] <= result[part]["p99"]
-    assert result["config"]["torch_threads"] == 1 and result["config"]["cameras"] == 2
+    assert set(result["results"]) == {f"{kind}/{method}" for kind in ("raw", "jpeg")
+                                      for method in P.RESIZE_METHODS}
+    for clocks in result["results"].values():
+        for clock in ("wall", "cpu"):
+            for part in bench_host.PARTS:
+                assert 0 < clocks[clock][part]["p50"] <= clocks[clock][part]["p99"]
+    for kind in ("raw", "jpeg"):
+        ratio = result["ratio_pillow_over_fast_p50"][kind]
+        assert set(ratio) == {"per_camera_wall", "pipelined_wall", "per_camera_cpu",
+                              "pipelined_cpu"}
+        assert all(r > 0 for r in ratio.values())
+    cfg = result["config"]
+    assert cfg["torch_threads"] == 1 and cfg["cameras"] == 2
+    assert cfg["resize"] == list(P.RESIZE_METHODS)
+    assert torch.get_num_threads() == threads  # restored
     if before is not None:
         assert os.sched_getaffinity(0) == before  # pinning is undone

@@ -79,7 +79,7 @@ def test_replay_drives_the_streaming_executor_within_its_limits(demo, golden):
     """The commands come from pi0_ros.control configured by the file's executor section (the
     demo's Panda limits), at its control rate, and respect those limits."""
     res = golden.result
-    assert res.executor_name.startswith("pi0_ros.control.StreamingExecutor")
+    assert res.executor_name.startswith("pi0_ros.control.ExecutorDriver")
     assert res.executor_events["chunks_accepted"] >= len(res.chunks) - 2
     spec = make_demo.executor_parameters()
     times = np.asarray(res.command_times, np.int64)
@@ -118,7 +118,8 @@ def test_perturbed_checkpoint_fails_compare(demo, golden, tmp_path, capsys):
                       str(ckpt), "--output", str(tmp_path / "out"), "--seed", "7", "--compare",
                       str(golden.bag), "--atol", str(ATOL), "--no-plots", "--quiet"])
     assert rc == 1
-    assert "FAIL" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "FAIL" in text and "joint panda_" in text  # the worst action named by its joint
     assert "FAIL" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -234,7 +235,173 @@ def test_without_pi0_ros_msgs_the_rosbags_type_writes_the_same_chunks(demo, gold
         raise ImportError("No module named 'pi0_ros_msgs'")
 
     monkeypatch.setattr(conversions, "chunk_to_msg", missing)
+    monkeypatch.setattr(replay, "_msgs_built", lambda: False)
     out = replay.run_offline(demo["bag"], demo["params"], tmp_path, seed=7, plots=False)
     stamps, chunks = replay.read_action_chunks(out.bag)
     g_stamps, g_chunks = replay.read_action_chunks(golden.bag)
     assert replay.compare_actions(stamps, chunks, g_stamps, g_chunks, 0.0).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13, item 7: prompt topics, --loop, live-mode flags, the report's prompt, joint names
+
+
+def _write_bag(path: Path, messages) -> Path:
+    """A bag of make_demo-style (log ns, topic, type, rosbags message) tuples."""
+    from rosbags.rosbag2 import Writer
+
+    store = make_demo.typestore()
+    writer = Writer(path, version=8)
+    writer.open()
+    conns = {}
+    for stamp, topic, typ, msg in sorted(messages, key=lambda m: m[0]):
+        if topic not in conns:
+            conns[topic] = writer.add_connection(topic, typ, typestore=store)
+        writer.write(conns[topic], stamp, store.serialize_cdr(msg, typ))
+    writer.close()
+    return path
+
+
+def _string(text: str):
+    return make_demo.typestore().types["std_msgs/msg/String"](data=text)
+
+
+RAW_PROMPT = "pick_up the\nred *block*"  # what a bag no one here wrote may carry
+
+
+def test_the_bags_own_prompt_topic_is_read_and_the_report_shows_the_model_prompt(demo,
+                                                                                 tmp_path):
+    """A bag whose prompt is on /prompt (not /pi0_policy_node/prompt) drives the prompt without
+    --prompt-topic; the report shows what the model sees (openpi's clean_prompt), escaped for
+    markdown, on one line."""
+    spec = make_demo.DemoSpec(duration=1.0, prompt_topic="/prompt", prompt=RAW_PROMPT)
+    bag = make_demo.make_bag(tmp_path / "bag", spec)
+    out = replay.run_offline(bag, demo["params"], tmp_path / "out", seed=7, duration=1.0)
+    assert out.result.prompt == RAW_PROMPT
+    assert out.result.chunks
+    lines = out.report.read_text().splitlines()
+    (line,) = [ln for ln in lines if ln.startswith("- prompt (as the model sees it)")]
+    assert line.endswith('"pick up the red \\*block\\*"'), line
+    (given,) = [ln for ln in lines if ln.startswith("- prompt as given")]
+    assert "\\\\n" in given and "\\_" in given, given  # visible \n, escaped _
+    assert not any(ln.startswith("red") for ln in lines)  # no raw newline split the line
+
+
+def test_unread_prompt_topics_are_warned_about(demo, tmp_path, caplog):
+    spec = make_demo.DemoSpec(duration=1.0)
+    extra = (make_demo.START_NS + 1, "/task/instruction", "std_msgs/msg/String",
+             _string("stack the cups"))
+    bag = _write_bag(tmp_path / "bag", [*make_demo.bag_messages(spec), extra])
+    with caplog.at_level("WARNING", logger="pi0_ros.tools.replay"):
+        out = replay.run_offline(bag, demo["params"], tmp_path / "out", plots=False,
+                                 duration=0.5)
+    assert out.result.prompt == spec.prompt  # /pi0_policy_node/prompt wins
+    warned = [r.getMessage() for r in caplog.records if "/task/instruction" in r.getMessage()]
+    assert warned and "--prompt-topic /task/instruction" in warned[0]
+    out = replay.run_offline(bag, demo["params"], tmp_path / "out2", plots=False,
+                             duration=0.5, prompt_topic="/task/instruction")
+    assert out.result.prompt == "stack the cups"
+    with pytest.raises(replay.ReplayError, match=r"--prompt-topic /nope: not in the bag"):
+        replay.run_offline(bag, demo["params"], tmp_path / "out3", prompt_topic="/nope")
+
+
+def test_choose_prompt_topic():
+    s = "std_msgs/msg/String"
+    node = "pi0_policy_node"
+    both = [("/pi0_policy_node/prompt", s), ("/prompt", s), ("/joint_states", "x/msg/J")]
+    assert replay.choose_prompt_topic(both, node) == ("/pi0_policy_node/prompt", ["/prompt"])
+    assert replay.choose_prompt_topic(both[1:], node) == ("/prompt", [])
+    two = [("/a/prompt", s), ("/b/prompt", s)]
+    assert replay.choose_prompt_topic(two, node) == (None, ["/a/prompt", "/b/prompt"])
+    assert replay.choose_prompt_topic(two, node, "/b/prompt") == ("/b/prompt", ["/a/prompt"])
+    with pytest.raises(replay.ReplayError, match="is x/msg/J"):
+        replay.choose_prompt_topic(both, node, "/joint_states")
+
+
+def test_live_mode_refuses_unknown_flags(demo, capsys):
+    with pytest.raises(SystemExit) as info:
+        replay.main([str(demo["bag"]), "--live", "--bogus", "--wait", "0"])
+    assert info.value.code == 2
+    assert "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        replay.main([str(demo["bag"]), "--config", str(demo["params"]), "--output", "/tmp/x",
+                     "--loop"])  # --loop is a live option
+
+
+def test_compare_failure_names_the_joint():
+    s = np.array([1], np.int64)
+    a = [np.zeros((4, 3), np.float32)]
+    b = [a[0].copy()]
+    b[0][2, 1] = 0.5
+    msg = replay.compare_actions(s, b, s, a, 1e-3, ("j0", "elbow", "gripper")).message
+    assert "step 2, joint elbow (dim 1)" in msg, msg
+    assert "dim 1" in replay.compare_actions(s, b, s, a, 1e-3).message  # without names
+
+
+def test_live_loop_plays_again_with_the_clock_going_back(demo):
+    """--live --loop replays the bag until interrupted (/clock jumps back to the bag start each
+    pass); SIGINT ends it with status 0."""
+    import signal
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import JointState
+
+    from ros_helpers import fresh_domain_id
+
+    domain = fresh_domain_id()
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = rclpy.create_node("loop_listener", context=ctx)
+    joints, clocks = [], []
+    qos = QoSProfile(depth=2000, reliability=ReliabilityPolicy.RELIABLE)  # no drops when slow
+    node.create_subscription(JointState, "/joint_states", joints.append, qos)
+    node.create_subscription(Clock, "/clock", clocks.append, qos)
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pi0_ros.tools.replay", str(demo["bag"]), "--live", "--clock",
+         "--loop", "--rate", "3", "--topics", "/joint_states", "--wait", "20"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    per_pass = int(BAG_SECONDS * make_demo.DemoSpec.joint_rate) + 1
+    try:
+        deadline = time.monotonic() + LIVE_TIMEOUT
+        while (proc.poll() is None and time.monotonic() < deadline
+               and len(joints) < 1.5 * per_pass):
+            executor.spin_once(timeout_sec=0.05)
+        assert proc.poll() is None, proc.communicate()[0]  # still playing after one pass
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=LIVE_TIMEOUT)[0]
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert len(joints) >= 1.5 * per_pass, (len(joints), output)
+    assert "looping" in output
+    stamps = [c.clock.sec * 10**9 + c.clock.nanosec for c in clocks]
+    assert any(b < a for a, b in zip(stamps, stamps[1:])), "the clock never went back"
+    joint_stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in joints]
+    assert any(b < a for a, b in zip(joint_stamps, joint_stamps[1:])), "played only once"
+
+
+def test_relative_topics_resolve_like_the_node(demo, golden, tmp_path):
+    """config/policy_node.yaml's relative topics (``joint_states``) are what a node in the root
+    namespace subscribes to (``/joint_states``): the replay resolves them the same way."""
+    import yaml
+
+    doc = yaml.safe_load(Path(demo["params"]).read_text())
+    section = doc[make_demo.POLICY_NODE]["ros__parameters"]
+    section["cameras.topics"] = [t.lstrip("/") for t in section["cameras.topics"]]
+    section["joint_states.topic"] = "joint_states"
+    params = tmp_path / "relative.yaml"
+    params.write_text(yaml.safe_dump(doc))
+    out = replay.run_offline(demo["bag"], params, tmp_path / "out", seed=7, plots=False)
+    assert out.digest == golden.digest

@@ -17,6 +17,7 @@ RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
 GRAY = np.repeat(RGB[..., :1], 3, axis=-1)  # mono encodings keep one channel
 JPEG_MAX_ABS_DIFF = 40  # lossy; a smooth image keeps far below this
+JPEG_MEAN_ABS_DIFF = 10.0  # demo jpeg (q 90, sharp board) vs rendered: 5.3-6.2; BGR order: 47+
 
 
 # --- time ------------------------------------------------------------------------------------
@@ -145,6 +146,119 @@ def test_png16_maps_like_mono16():
     msg = CompressedImage(format="png")
     msg.data = array.array("B", buf.getvalue())
     np.testing.assert_array_equal(conv.compressed_to_rgb(msg)[0, :, 1], [0, 1, 255])
+
+
+def _compressed(data: bytes, fmt: str) -> CompressedImage:
+    msg = CompressedImage(format=fmt)
+    msg.data = array.array("B", data)
+    return msg
+
+
+def _cv_bridge_rgb8(data: bytes) -> np.ndarray:
+    """What cv_bridge's ``compressed_imgmsg_to_cv2(msg, "rgb8")`` computes for a colour image:
+    ``imdecode(IMREAD_UNCHANGED)`` then ``cvtColor2(im, "bgr8", "rgb8")`` (= BGR2RGB)."""
+    import cv2
+
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _demo_compressed(duration: float = 0.2) -> list[tuple[CompressedImage, np.ndarray]]:
+    """The demo bag's wrist-camera messages (as rclpy messages) with the frames rendered."""
+    from pi0_ros.tools import make_demo
+
+    spec = make_demo.DemoSpec(duration=duration)
+    out = []
+    for stamp, topic, _, msg in make_demo.bag_messages(spec):
+        if topic != spec.wrist_topic:
+            continue
+        t = (stamp - make_demo.START_NS) / 1e9
+        rendered = make_demo.wrist_frame(make_demo.joint_positions(np.array([t]))[0],
+                                         spec.wrist_size)
+        out.append((_compressed(np.asarray(msg.data, np.uint8).tobytes(), msg.format), rendered))
+    return out
+
+
+def test_demo_bag_jpeg_decodes_to_cv_bridge_pixels():
+    """The demo bag's jpeg frames: exactly cv_bridge's pixels, Pillow's decoder within 1 level,
+    the rendered frame within jpeg error."""
+    import io
+
+    from PIL import Image as PILImage
+
+    frames = _demo_compressed()
+    assert len(frames) >= 6
+    for msg, rendered in frames:
+        data = bytes(msg.data)
+        rgb = conv.compressed_to_rgb(msg)
+        assert rgb.dtype == np.uint8 and rgb.flags.c_contiguous and rgb.shape == (224, 224, 3)
+        np.testing.assert_array_equal(rgb, _cv_bridge_rgb8(data))
+        pillow = np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
+        assert np.abs(rgb.astype(int) - pillow).max() <= 1
+        err = np.abs(rgb.astype(int) - rendered)
+        assert np.mean(err) < JPEG_MEAN_ABS_DIFF, np.mean(err)  # also catches a BGR order
+        np.testing.assert_array_equal(conv.to_rgb(msg), rgb)
+
+
+def test_demo_bag_jpeg_matches_real_cv_bridge():
+    cv_bridge = pytest.importorskip("cv_bridge", reason="cv_bridge not installed (no ROS install)")
+    bridge = cv_bridge.CvBridge()
+    for msg, _ in _demo_compressed():
+        np.testing.assert_array_equal(conv.compressed_to_rgb(msg),
+                                      bridge.compressed_imgmsg_to_cv2(msg, "rgb8"))
+
+
+def _cv2_encode(image: np.ndarray, ext: str, params: tuple[int, ...] = ()) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(ext, image, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def test_png_colour_channels_and_alpha():
+    import cv2
+
+    bgr = np.ascontiguousarray(RGB[..., ::-1])
+    np.testing.assert_array_equal(conv.compressed_to_rgb(_compressed(_cv2_encode(bgr, ".png"),
+                                                                     "png")), RGB)
+    bgra = np.concatenate([bgr, np.full(RGB.shape[:2] + (1,), 9, np.uint8)], axis=-1)
+    out = conv.compressed_to_rgb(_compressed(_cv2_encode(bgra, ".png"), "png"))
+    np.testing.assert_array_equal(out, RGB)  # alpha dropped, BGR -> RGB
+    assert cv2.IMREAD_UNCHANGED == -1
+
+
+def test_png16_colour_keeps_the_high_byte():
+    rgb16 = np.random.default_rng(5).integers(0, 65536, (6, 9, 3), dtype=np.uint16)
+    data = _cv2_encode(np.ascontiguousarray(rgb16[..., ::-1]), ".png")  # 16-bit BGR png
+    out = conv.compressed_to_rgb(_compressed(data, "png"))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, (rgb16 >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_gray_compressed_is_replicated_like_mono8(ext):
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))  # (8, 16) smooth ramp
+    out = conv.compressed_to_rgb(_compressed(_cv2_encode(gray, ext), ext[1:]))
+    assert out.shape == (8, 16, 3)
+    np.testing.assert_array_equal(out[..., 0], out[..., 1])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    tol = 0 if ext == ".png" else JPEG_MAX_ABS_DIFF
+    assert np.abs(out[..., 0].astype(int) - gray).max() <= tol
+
+
+def test_jpeg_exif_orientation_is_not_applied():
+    """cv_bridge decodes with IMREAD_UNCHANGED, which ignores EXIF rotation: so do we."""
+    import io
+
+    from PIL import Image as PILImage
+
+    img = PILImage.fromarray(np.zeros((10, 30, 3), np.uint8))
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    assert conv.compressed_to_rgb(_compressed(buf.getvalue(), "jpeg")).shape == (10, 30, 3)
 
 
 @pytest.mark.parametrize(
@@ -303,3 +417,24 @@ def test_action_chunk_round_trip():
     assert msg.dt == DT and msg.sequence == 9 and msg.model_name == "pi05_tiny"
     assert list(msg.joint_names) == NAMES
     np.testing.assert_array_equal(conv.msg_to_chunk(msg), ACTIONS)
+
+
+def test_bench_ros_host_smoke(tmp_path):
+    import json
+    import os
+
+    import torch
+
+    from pi0_ros.tools import bench_ros_host
+
+    affinity = os.sched_getaffinity(0)
+    threads = torch.get_num_threads()
+    out = tmp_path / "ros_host.json"
+    assert bench_ros_host.main(["--iterations", "3", "--warmup", "1", "--width", "160",
+                                "--height", "120", "--encoding", "jpeg", "--resize", "pillow",
+                                "--cpu", str(min(affinity)), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["resize"] == "pillow" and "jpeg" in result["what"]
+    assert result["tensors"]["images"] == [1, 3, 3, 224, 224]
+    assert 0 < result["total_cpu_ms"]["p50"]
+    assert os.sched_getaffinity(0) == affinity and torch.get_num_threads() == threads

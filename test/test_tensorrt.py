@@ -19,10 +19,10 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pi0_ros.engine import onnx_export as ox  # noqa: E402
 from pi0_ros.engine import tensorrt as tb  # noqa: E402
 from pi0_ros.engine.base import EngineSpec, dummy_inputs  # noqa: E402
 from pi0_ros.engine.eager import EagerBackend  # noqa: E402
+from pi0_ros.engine.registry import resolve_device  # noqa: E402
 from pi0_ros.model import Pi0Model, random_init_, save_checkpoint, tiny_config  # noqa: E402
 
 BACKEND_ATOL = 1e-4  # onnxruntime-backed "engines" vs the eager backend, float32
@@ -46,8 +46,8 @@ def _tiny(pi05=True, cams=2, seed=0):
 
 def _settings(options, device=H100, stage="prefix", pi05=True, min_batch=1, max_batch=4):
     cfg = tiny_config(pi05=pi05, num_cameras=2)
-    inputs, _ = ox.stage_io(stage, cfg.pi05)
-    return tb.builder_settings(options, device, ox.stage_shapes(cfg, stage, 16), inputs,
+    inputs, _ = tb.stage_io(stage, cfg.pi05)
+    return tb.builder_settings(options, device, tb.stage_shapes(cfg, stage, 16), inputs,
                                min_batch=min_batch, max_batch=max_batch)
 
 
@@ -79,8 +79,8 @@ def test_other_precisions_and_flags():
     assert weak_bf16.onnx_dtype == "float32"
     fp8 = _settings(tb.BuildOptions(precision="fp8"))
     assert fp8.strongly_typed and any("4590" in w for w in fp8.warnings)
-    assert fp8.onnx_dtype == "bfloat16" and fp8.opset == ox.FP8_OPSET  # float8 Q/DQ: opset 19
-    assert _settings(tb.BuildOptions()).opset == ox.DEFAULT_OPSET
+    assert fp8.onnx_dtype == "bfloat16" and fp8.opset == tb.FP8_OPSET  # float8 Q/DQ: opset 19
+    assert _settings(tb.BuildOptions()).opset == tb.DEFAULT_OPSET
     assert _settings(tb.BuildOptions(workspace_gib=1.5)).workspace_bytes == 3 * 2**29
 
 
@@ -113,8 +113,8 @@ def test_optimization_level_on_thor():
 def test_profiles_cover_every_batched_input():
     cfg = tiny_config(pi05=True, num_cameras=2)
     s = _settings(tb.BuildOptions(), stage="prefix", min_batch=1, max_batch=4)
-    shapes = ox.stage_shapes(cfg, "prefix", 16)
-    assert [p.name for p in s.profiles] == list(ox.stage_io("prefix", True)[0])
+    shapes = tb.stage_shapes(cfg, "prefix", 16)
+    assert [p.name for p in s.profiles] == list(tb.stage_io("prefix", True)[0])
     tokens = next(p for p in s.profiles if p.name == "image_tokens")
     assert tokens.min == (1,) + shapes["image_tokens"][1:]
     assert tokens.opt == tokens.max == (4,) + shapes["image_tokens"][1:]
@@ -132,7 +132,7 @@ def test_profiles_cover_every_batched_input():
 def exported_pi05(tmp_path_factory):
     model = _tiny(True, 2)
     out = tmp_path_factory.mktemp("onnx")
-    return model, {s: ox.export_stage(model, s, out, prompt_len=8, num_steps=2)
+    return model, {s: tb.export_stage(model, s, out, prompt_len=8, num_steps=2)
                    for s in ("vision", "prefix", "denoise")}
 
 
@@ -353,7 +353,7 @@ def test_builder_fp8_quantizes_the_gemma_stages(exported_pi05, tmp_path):
     assert any("FP8 Q/DQ on" in m for m in messages)
     _, vision = builder.engine("vision", **kw)  # SigLIP stays bf16
     assert vision.key.precision == "bf16" and vision.key.calibration == ""
-    assert runtime.builds[-1][0].parent.parent.name == f"bfloat16_opset{ox.DEFAULT_OPSET}"
+    assert runtime.builds[-1][0].parent.parent.name == f"bfloat16_opset{tb.DEFAULT_OPSET}"
     other = tb.EngineBuilder(model, runtime, tb.BuildOptions(precision="fp8"),
                              cache=tb.EngineCache(tmp_path / "engines"), work_dir=tmp_path / "o2")
     assert other.key("prefix", 8, 2, 2, builder.settings(
@@ -395,7 +395,7 @@ def test_backend_matches_eager(tmp_path, pi05, cams, mode):
         got, want = backend.infer(req), eager.infer(req)
         assert (got.bucket, got.batch) == (want.bucket, want.batch)
         assert got.actions.shape == (rows, model.config.action_horizon, model.config.action_dim)
-        assert ox.max_abs_diff(got.actions, want.actions) <= BACKEND_ATOL
+        assert tb.max_abs_diff(got.actions, want.actions) <= BACKEND_ATOL
         assert set(got.timing) >= {"vision", "prefix", "denoise", "total"}
     if mode == "step":  # two buffer slots: vision + prefix of request 2 before 1 is collected
         piped = tb.TensorRTBackend(model, runtime=runtime, cache_dir=tmp_path,
@@ -409,8 +409,8 @@ def test_backend_matches_eager(tmp_path, pi05, cams, mode):
         a1 = piped.collect(t1)
         piped.begin_denoise(t2)
         a2 = piped.collect(t2)
-        assert ox.max_abs_diff(a1.actions, eager.infer(r1).actions) <= BACKEND_ATOL
-        assert ox.max_abs_diff(a2.actions, eager.infer(r2).actions) <= BACKEND_ATOL
+        assert tb.max_abs_diff(a1.actions, eager.infer(r1).actions) <= BACKEND_ATOL
+        assert tb.max_abs_diff(a2.actions, eager.infer(r2).actions) <= BACKEND_ATOL
     builds = len(runtime.builds)
     backend.release()
     assert not backend.prepared
@@ -443,12 +443,23 @@ def test_backend_serves_engines_built_by_the_cli(tmp_path, capsys):
     eager = EagerBackend(model)
     eager.prepare(spec)
     req = dummy_inputs(model.config, 2, 2, 8, prompt_len=8, seed=3)
-    assert ox.max_abs_diff(backend.infer(req).actions, eager.infer(req).actions) <= BACKEND_ATOL
+    assert tb.max_abs_diff(backend.infer(req).actions, eager.infer(req).actions) <= BACKEND_ATOL
     with pytest.raises(tb.StaleEngineError, match="max_batch 2 \\(now 1\\)"):  # not built
         tb.TensorRTBackend(model, runtime=runtime, cache_dir=out / "engines",
                            checkpoint=str(ckpt), allow_build=False,
                            options=tb.BuildOptions(precision="fp32")).prepare(
             dataclasses.replace(spec, max_batch=1, batch_sizes=()))
+
+
+def test_backend_resolves_cuda_to_an_indexed_device(tmp_path):
+    """``TensorRTBackend(model, "cuda")`` as docs/TENSORRT.md writes it: ``prepare`` pins the
+    thread with ``torch.cuda.set_device(device.index)``, which an unindexed "cuda" broke."""
+    backend = tb.TensorRTBackend(_tiny(), "cuda", runtime=FakeRuntime(device=H100),
+                                 cache_dir=tmp_path)
+    assert backend.device.type == "cuda" and backend.device.index is not None
+    assert backend.device == resolve_device("cuda")
+    assert tb.TensorRTBackend(_tiny(), "cpu", runtime=FakeRuntime(),
+                              cache_dir=tmp_path).device == torch.device("cpu")
 
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: cannot test its absence")
@@ -475,7 +486,7 @@ def test_tensorrt_engines_match_eager(tmp_path, precision):
     eager.prepare(spec)
     req = dummy_inputs(model.config, 2, 2, 11, prompt_len=16, seed=1)
     got, want = backend.infer(req).actions, eager.infer(req).actions
-    diff = ox.max_abs_diff(got, want)
+    diff = tb.max_abs_diff(got, want)
     if precision == "fp32":
         assert diff <= TRT_FP32_ATOL
     else:

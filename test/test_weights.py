@@ -217,8 +217,28 @@ def test_unknown_variant_and_missing_file(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="tiny_gemma_lm.*geometry override"):
         load_checkpoint(ckpt)
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="checkpoint .*nothing_here does not exist"):
         load_checkpoint(tmp_path / "nothing_here")
     (ckpt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(ckpt)
+
+
+def test_checkpoint_dir_errors_say_what_is_missing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint directory .*empty is empty"):
+        load_checkpoint(empty)
+    step = tmp_path / "step"  # a LeRobot training checkpoint, one level too high
+    (step / "pretrained_model").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no model.safetensors in .*step \(found: "
+                       r"\['pretrained_model'\]\).*LeRobot keeps the policy in"):
+        load_checkpoint(step)
+    no_cfg = tmp_path / "no_cfg"
+    no_cfg.mkdir()
+    shutil.copy(OPENPI / "model.safetensors", no_cfg)
+    with pytest.raises(CheckpointError, match=r"no config.json in .*no_cfg.*--geometry"):
+        load_checkpoint(no_cfg)
+    geometry = json.loads((OPENPI / "config.json").read_text())["geometry"]
+    model, config = load_checkpoint(no_cfg, geometry=geometry)  # the override stands in for it
+    assert config.pi05 and model.config.lm.width == geometry["lm"]["width"]

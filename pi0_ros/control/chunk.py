@@ -14,7 +14,8 @@ joints or one per joint (e.g. arm ``"delta"``, gripper ``"absolute"``):
 ``to_positions()`` turns any chunk into absolute positions ``(H, D)``; the executor only ever
 samples absolute positions. A chunk is validated whole in ``__post_init__`` and raises
 :class:`ChunkError` (a ``ValueError``) whose ``reason`` is the executor's rejection key:
-``non_finite`` (NaN/Inf in actions, state0 or t0), ``dimension`` (shape), ``dt`` (not > 0),
+``non_finite`` (NaN/Inf in actions, state0 or t0), ``dimension`` (shape), ``dt`` (outside
+``[DT_MIN, DT_MAX]``: a dt of 1e-200 would make the spline's derivatives overflow),
 ``joint_names`` (duplicates), ``interpretation`` (unknown name, or state0 missing for delta /
 velocity), ``horizon``. The arrays are copied and made read-only.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INTERPRETATIONS = ("absolute", "delta", "velocity")
+DT_MIN, DT_MAX = 1e-4, 10.0  # s, accepted spacing of a chunk's actions (10 kHz .. 0.1 Hz)
 
 
 class ChunkError(ValueError):
@@ -69,8 +71,8 @@ class ActionChunk:
             raise ChunkError("joint_names", f"duplicate joint names {self.joint_names}")
         if not np.all(np.isfinite(actions)):
             raise ChunkError("non_finite", "actions contain NaN/Inf")
-        if not np.isfinite(self.dt) or not self.dt > 0:
-            raise ChunkError("dt", f"dt must be > 0 and finite, got {self.dt}")
+        if not (np.isfinite(self.dt) and DT_MIN <= self.dt <= DT_MAX):
+            raise ChunkError("dt", f"dt must be in [{DT_MIN:g}, {DT_MAX:g}] s, got {self.dt}")
         if not np.isfinite(self.t0):
             raise ChunkError("non_finite", f"t0 must be finite, got {self.t0}")
         interp = self.interpretation

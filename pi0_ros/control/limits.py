@@ -77,10 +77,13 @@ class RateLimiter:
     def _outside(x: np.ndarray, lo: list, hi: list) -> bool:
         return any(xi < a or xi > b for xi, a, b in zip(x.tolist(), lo, hi))
 
-    def step(self, q_ref, v_ref, period: float) -> np.ndarray:
+    name = "exact"
+
+    def step(self, q_ref, v_ref, period: float, a_ref=None, ref_at=None) -> np.ndarray:
         """Advance one tick of ``period`` s toward ``q_ref`` (velocity ``v_ref``), or hold when
-        ``q_ref`` is None. Returns the new position; ``self.v``, ``self.a`` are its finite
-        differences. Arrays are replaced, never written in place (readers may hold them)."""
+        ``q_ref`` is None (``a_ref``, ``ref_at``: not used, see jerk.JerkLimiter). Returns the
+        new position; ``self.v``, ``self.a`` are its finite differences. Arrays are replaced,
+        never written in place (readers may hold them)."""
         inv_t = 1.0 / period
         if q_ref is not None and period <= ZONE_PERIOD:
             v = q_ref - self.q

@@ -136,6 +136,28 @@ class Blend:
         return self
 
 
+class Handover:
+    """``old`` until ``t_switch``, then ``new`` (``rtc``): ``new`` is a :class:`Joined` that
+    starts at ``t_switch`` from ``old``'s q and v there, so the handover is C1."""
+
+    def __init__(self, old, new: Joined, t_switch: float):
+        self.old, self.new, self.t_switch = old, new, t_switch
+        self.t_start, self.t_end = old.t_start, new.t_end
+
+    @property
+    def depth(self) -> int:
+        return 1 + max(self.old.depth, self.new.depth)
+
+    def eval(self, t: float) -> np.ndarray:
+        return self.old.eval(t) if t < self.t_switch else self.new.eval(t)
+
+    def settle(self, t: float):
+        if t >= self.t_switch:
+            return self.new.settle(t)
+        self.old = self.old.settle(t)
+        return self
+
+
 class Ensemble:
     """ACT temporal ensemble of member plans (module docstring); members oldest first.
 

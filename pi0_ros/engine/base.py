@@ -16,6 +16,10 @@ captured batch size and slicing back, the per-stage timing, and the three-call p
 
 Threading: a prepared backend is used by one thread only (the worker, ``worker.py``); on CUDA that
 thread must also be the one that prepared it. Outputs are host copies, safe to hand to any thread.
+
+Size (~660 lines, over the house's ~600): the static buffers, the bucket / batch selection,
+the CPU and CUDA request paths and the pipelined protocol are one state machine over the same
+slots; splitting it would spread the slot invariants over files.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from ..model import Pi0Model, PrefixCache, TimeConditioning
+from ..model.rtc import AlignedPrefix, RTCConfig, RTCDenoiser, RTCPrefix
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,10 @@ class EngineSpec:
     one >= B, padded (default: ``(max_batch,)`` only, i.e. everything is padded to max batch).
     ``pipeline``: two buffer slots so vision + prefix of observation N+1 can overlap the
     denoising of N (``begin_prefix`` / ``begin_denoise`` / ``collect``); doubles the buffers.
+    ``rtc``: real-time chunking (``model/rtc.py``); when enabled the denoise stage is the guided
+    sampler (``RTCDenoiser``) over a static ``RTCPrefix`` per slot, loaded from
+    ``ModelInputs.prefix`` per request (rows without one: bit-identical to the plain sampler).
+    None or disabled: the plain sampler, exactly as without the option.
     """
 
     num_cameras: int
@@ -64,8 +73,12 @@ class EngineSpec:
     batch_sizes: tuple[int, ...] = ()  # () -> (max_batch,)
     pipeline: bool = False
     seed: int = 0  # noise generator seed, used when a request brings no noise
+    rtc: RTCConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.rtc is not None and not isinstance(self.rtc, RTCConfig):
+            raise ValueError(f"EngineSpec.rtc: expected an RTCConfig or None, found "
+                             f"{type(self.rtc).__name__}")
         for name in ("num_cameras", "num_steps", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -111,6 +124,8 @@ class ModelInputs:
     right-padded; token_mask (B, L) bool; state (B, A) float32 zero-padded to A; noise
     (B, H, A) float32 or None (drawn on the device from the backend's seeded generator).
     Host (CPU) tensors: the bucket is chosen from ``token_mask`` without touching the device.
+    ``prefix``: RTC only (``EngineSpec.rtc``): one ``AlignedPrefix`` or None per row (the
+    previous chunk in normalized model space, aligned to this observation; None: no guidance).
     """
 
     images: torch.Tensor
@@ -119,10 +134,7 @@ class ModelInputs:
     token_mask: torch.Tensor
     state: torch.Tensor
     noise: torch.Tensor | None = None
-
-    @classmethod
-    def from_arrays(cls, **arrays: Any) -> ModelInputs:
-        return cls(**{k: None if v is None else torch.as_tensor(v) for k, v in arrays.items()})
+    prefix: tuple[AlignedPrefix | None, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -198,6 +210,7 @@ class _Slot:
     image_tokens: torch.Tensor  # (Bmax, N*T, W) activation dtype
     caches: dict[int, PrefixCache]  # bucket -> cache at max batch
     actions: torch.Tensor  # (Bmax, H, A) float32
+    prefix: RTCPrefix | None = None  # RTC: the previous chunks, (Bmax, H, A) and per-row d / n
     staging: dict[str, torch.Tensor] = field(default_factory=dict)  # pinned host copies
     host_actions: torch.Tensor | None = None  # pinned (Bmax, H, A)
     events: dict[str, Any] = field(default_factory=dict)
@@ -220,10 +233,15 @@ class StaticBackend(Backend):
     """Static buffers + bucket / batch selection + timing; subclasses run the stages.
 
     Stage functions (``_stage_fn``) read and write only static tensors, so the same callables
-    are run eagerly or captured once and replayed.
+    are run eagerly or captured once and replayed. ``release_unread`` (default on): on CUDA,
+    ``prepare`` moves the weights the stages never read to host memory
+    (``Pi0Model.release_unread_weights``; another step count can still be prepared).
     """
 
-    def __init__(self, model: Pi0Model, device: str | torch.device | None = None):
+    release_unread = True
+
+    def __init__(self, model: Pi0Model, device: str | torch.device | None = None, *,
+                 runtime: Any = None):
         self.model = model.eval().requires_grad_(False)
         self.device = model.device  # always indexed ("cuda:0") when on a GPU
         if device is not None:
@@ -232,12 +250,17 @@ class StaticBackend(Backend):
                 raise ValueError(f"model is on {self.device}, backend asked for {asked}")
         self.config = model.config
         self.spec: EngineSpec | None = None
+        self.rtc: RTCConfig | None = None  # the prepared spec's RTC, when enabled
         self.conds: TimeConditioning | None = None
         self._slots: list[_Slot] = []
         self._busy: list[bool] = []
         self._next_slot = 0
         self._generator: torch.Generator | None = None
-        self._cuda = self.device.type == "cuda"
+        # The CUDA runtime the stream / event / pinned-staging branches call: ``torch.cuda`` for
+        # a CUDA model, or a stand-in (``cuda_standin.CudaStandin``) that runs them on CPU.
+        self._rt = runtime if runtime is not None else (
+            torch.cuda if self.device.type == "cuda" else None)
+        self._cuda = self._rt is not None
         self._streams: dict[str, Any] = {}
         # Created once per backend and kept across release(): cuBLAS keeps a workspace per
         # (handle, stream), so fresh streams on every prepare would grow memory.
@@ -252,11 +275,24 @@ class StaticBackend(Backend):
         if self.prepared:
             self.release()
         spec = spec.resolve(self.config.max_token_len)
+        if spec.rtc is not None and spec.rtc.enabled:
+            self._check_rtc(spec.rtc)
+            spec.rtc.delay_bound(self.config.action_horizon)  # max_delay <= H, else ValueError
+            self.rtc = spec.rtc
+        else:
+            self.rtc = None
         if self._cuda:
-            torch.cuda.set_device(self.device.index)  # per thread: the worker thread prepares
+            self._rt.set_device(self.device.index)  # per thread: the worker thread prepares
         with torch.no_grad():
             # pi0.5 adaRMS modulation / time embeddings: once per step count, never per request.
             self.conds = self.model.time_conditioning(spec.num_steps)
+            if self.release_unread and self.device.type == "cuda":
+                # The adaRMS dense / time MLP (pi0.5, prepare-only) and the last LM layer's
+                # unread q / o / MLP go to host memory: ~0.7 GB of a full pi0.5 in bf16.
+                freed = self.model.release_unread_weights("cpu")
+                if freed:
+                    log.info("moved %.2f GB of weights the stages never read to host memory",
+                             freed / 1024**3)
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(spec.seed)
             self._slots = [self._alloc_slot(spec) for _ in range(2 if spec.pipeline else 1)]
@@ -264,7 +300,7 @@ class StaticBackend(Backend):
             self._next_slot = 0
             if self._cuda:
                 while len(self._own_streams) < 2:
-                    self._own_streams.append(torch.cuda.Stream(self.device))
+                    self._own_streams.append(self._rt.Stream(self.device))
                 prefix, denoise = self._own_streams
                 self._streams = {"prefix": prefix,
                                  "denoise": denoise if spec.pipeline else prefix}
@@ -272,7 +308,7 @@ class StaticBackend(Backend):
             if self._cuda:
                 # Buffers were zeroed and conds computed on the default stream; the engine
                 # streams must not read them earlier.
-                torch.cuda.synchronize(self.device)
+                self._rt.synchronize(self.device)
             try:
                 self._after_prepare()
             except BaseException:
@@ -285,15 +321,22 @@ class StaticBackend(Backend):
 
     def release(self) -> None:
         if self._cuda and self._streams:
-            torch.cuda.synchronize(self.device)
+            self._rt.synchronize(self.device)
         self._release_stages()
         self._slots, self.conds, self.spec, self._generator = [], None, None, None
+        self.rtc = None
         self._streams = {}
         if self._cuda:
-            torch.cuda.empty_cache()
+            self._rt.empty_cache()
 
     def _release_stages(self) -> None:
         """Hook: drop graphs."""
+
+    def _check_rtc(self, config: RTCConfig) -> None:
+        """Hook: refuse RTC where the backend cannot run the guided sampler (ValueError)."""
+        from ..model.rtc import check_backend
+
+        check_backend(self.name, _precision_name(self.model))
 
     def _alloc_slot(self, spec: EngineSpec) -> _Slot:
         cfg, dev, b = self.config, self.device, spec.max_batch
@@ -312,20 +355,26 @@ class StaticBackend(Backend):
                                      dtype=self.model.dtype, device=dev),
             caches={L: self.model.new_cache(b, n, L) for L in spec.prompt_buckets},
             actions=torch.zeros(b, h, a, device=dev),
+            prefix=RTCPrefix.empty(b, h, a, dev) if self.rtc is not None else None,
         )
         if self._cuda:
             for name in ("images", "image_masks", "state", "noise"):
                 t = getattr(slot, name)
-                slot.staging[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                slot.staging[name] = self._pinned(t.shape, t.dtype)
             for L in spec.prompt_buckets:
-                slot.staging[f"tokens{L}"] = torch.empty(b, L, dtype=torch.int64,
-                                                         pin_memory=True)
-                slot.staging[f"token_mask{L}"] = torch.empty(b, L, dtype=torch.bool,
-                                                             pin_memory=True)
-            slot.host_actions = torch.empty(b, h, a, pin_memory=True)
+                slot.staging[f"tokens{L}"] = self._pinned((b, L), torch.int64)
+                slot.staging[f"token_mask{L}"] = self._pinned((b, L), torch.bool)
+            slot.host_actions = self._pinned((b, h, a), torch.float32)
             names = ("start", "upload", "vision", "prefix", "denoise0", "denoise", "download")
-            slot.events = {k: torch.cuda.Event(enable_timing=True) for k in names}
+            slot.events = {k: self._rt.Event(enable_timing=True) for k in names}
         return slot
+
+    def _pinned(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Page-locked host staging (the stand-in runtime hands out plain host memory)."""
+        alloc = getattr(self._rt, "empty_pinned", None)
+        if alloc is not None:
+            return alloc(tuple(shape), dtype)
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
 
     # -- stage functions (static tensors only) ----------------------------------------------------
     def _stage_fn(self, stage: str, slot: int, bucket: int, batch: int) -> Callable[[], None]:
@@ -345,6 +394,19 @@ class StaticBackend(Backend):
             def run() -> None:
                 m.fill_prefix(cache, s.image_tokens[:batch], s.image_masks[:batch],
                               s.tokens[bucket][:batch], s.token_mask[bucket][:batch])
+        elif stage == "denoise" and self.rtc is not None:
+            cache = cache_rows(s.caches[bucket], batch)
+            # One denoiser per stage key: its autograd-safe cache copy is a static buffer of
+            # this (slot, bucket, batch), as a captured graph needs.
+            rtc = RTCDenoiser(m, self.rtc)
+            p = s.prefix
+            prefix = RTCPrefix(p.actions[:batch], p.delay[:batch], p.valid_len[:batch],
+                               p.dim_mask[:batch])
+
+            @torch.no_grad()
+            def run() -> None:
+                s.actions[:batch].copy_(rtc.denoise(cache, s.state[:batch], s.noise[:batch],
+                                                    conds, prefix))
         elif stage == "denoise":
             cache = cache_rows(s.caches[bucket], batch)
 
@@ -413,7 +475,7 @@ class StaticBackend(Backend):
                 stream = self._streams["denoise"]
                 if stream is not self._streams["prefix"]:
                     stream.wait_event(slot.events["prefix"])
-                with torch.cuda.stream(stream):
+                with self._rt.stream(stream):
                     slot.events["denoise0"].record(stream)
                     self._run_stage("denoise", ticket.slot, ticket.bucket, ticket.batch)
                     slot.events["denoise"].record(stream)
@@ -475,7 +537,22 @@ class StaticBackend(Backend):
                              f"{tuple(x.token_mask.shape)} must both be ({rows}, L)")
         if not 0 < rows <= spec.max_batch:
             raise ValueError(f"batch of {rows} rows; this backend serves 1..{spec.max_batch}")
+        if x.prefix is not None:
+            if self.rtc is None:
+                raise ValueError("ModelInputs.prefix: given, but the backend is prepared "
+                                 "without RTC (EngineSpec.rtc enabled)")
+            if len(x.prefix) != rows:
+                raise ValueError(f"ModelInputs.prefix: expected {rows} rows (one per "
+                                 f"observation, None for none), found {len(x.prefix)}")
         return rows
+
+    def _load_prefix(self, slot: _Slot, x: ModelInputs, rows: int) -> None:
+        """RTC: the request's previous chunks into the slot's static prefix (every other row
+        empty, so padded rows and rows without a previous chunk get no guidance)."""
+        if slot.prefix is None:
+            return
+        given = list(x.prefix) if x.prefix is not None else [None] * rows
+        slot.prefix.load_(given + [None] * (slot.prefix.delay.shape[0] - rows))
 
     def _fill(self, dst: dict[str, torch.Tensor], x: ModelInputs, bucket: int, rows: int) -> None:
         """Copy a request into the first ``rows`` rows of ``dst`` (device buffers on CPU, pinned
@@ -500,6 +577,7 @@ class StaticBackend(Backend):
                "noise": slot.noise, "tokens": slot.tokens[ticket.bucket],
                "token_mask": slot.token_mask[ticket.bucket]}
         self._fill(dst, x, ticket.bucket, ticket.rows)
+        self._load_prefix(slot, x, ticket.rows)
         if x.noise is None:
             slot.noise[:ticket.rows].normal_(generator=self._generator)
         ticket.host_ms["upload"] = _ms(t)
@@ -522,7 +600,7 @@ class StaticBackend(Backend):
         if stream is not self._streams["denoise"]:
             # This slot's cache / inputs may still be read by its previous denoise.
             stream.wait_event(ev["download"])
-        with torch.cuda.stream(stream):
+        with self._rt.stream(stream):
             ev["start"].record(stream)
             for name in ("images", "image_masks", "state"):
                 getattr(slot, name)[:rows].copy_(staging[name][:rows], non_blocking=True)
@@ -533,6 +611,7 @@ class StaticBackend(Backend):
             slot.tokens[bucket][:rows].copy_(staging["tokens"][:rows], non_blocking=True)
             slot.token_mask[bucket][:rows].copy_(staging["token_mask"][:rows],
                                                  non_blocking=True)
+            self._load_prefix(slot, x, rows)  # (small, synchronous host copies)
             ev["upload"].record(stream)
             self._run_stage("vision", ticket.slot, 0, ticket.batch)
             ev["vision"].record(stream)
@@ -572,6 +651,16 @@ def _ms(t0: float) -> float:
 
 def select_rows(inputs: ModelInputs, rows: Sequence[int] | slice) -> ModelInputs:
     """A request made of some rows of another (tests / batching)."""
-    return ModelInputs(**{f.name: None if getattr(inputs, f.name) is None
-                          else getattr(inputs, f.name)[rows]
-                          for f in dataclasses.fields(inputs)})
+    out = {f.name: None if getattr(inputs, f.name) is None else getattr(inputs, f.name)[rows]
+           for f in dataclasses.fields(inputs) if f.name != "prefix"}
+    if inputs.prefix is not None:
+        idx = range(len(inputs.prefix))[rows] if isinstance(rows, slice) else rows
+        out["prefix"] = tuple(inputs.prefix[i] for i in idx)
+    return ModelInputs(**out)
+
+
+def _precision_name(model: Pi0Model) -> str:
+    """The registry's numeric-format name of a prepared model (fp8: FP8 linears present)."""
+    if any(type(mod).__name__.lower().startswith("fp8") for mod in model.modules()):
+        return "fp8"
+    return "bfloat16" if model.dtype == torch.bfloat16 else "float32"

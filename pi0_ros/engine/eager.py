@@ -19,8 +19,8 @@ class EagerBackend(StaticBackend):
     name = "eager"
 
     def __init__(self, model: Pi0Model, device: str | torch.device | None = None, *,
-                 warmup: int = 1):
-        super().__init__(model, device)
+                 warmup: int = 1, runtime=None):
+        super().__init__(model, device, runtime=runtime)
         self.warmup = warmup
         self._fns: dict[tuple[str, int, int, int], Callable[[], None]] = {}
 

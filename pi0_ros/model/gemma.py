@@ -88,7 +88,52 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.view(b, nh, s, dh).transpose(1, 2).reshape(b, s, nh * dh)
 
 
+def attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """``attend`` through ``F.scaled_dot_product_attention``: one fused kernel where the device
+    has one for an additive mask (CUDA memory-efficient attention), the math path elsewhere.
+
+    Same shapes and semantics. GQA the way ``attend`` does it: the G query heads of a KV head
+    become G*S query rows of one head, so K/V are never repeated; ``enable_gqa`` is not used
+    because with a mask it sends CUDA to the unfused math kernel. The additive mask is taken in
+    q's dtype with its rows repeated per group, (B, 1, G*S, K) (``expand_mask``, done once per
+    stack call by ``GemmaStack``); ``MASK_VALUE`` is finite in bf16 too, so fully masked rows stay
+    uniform, never NaN. Within 1e-5 of ``attend`` in float32 (test_model_sdpa.py).
+    """
+    b, nh, s, dh = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    if mask.shape[-2] != g * s:  # not yet expanded by GemmaStack
+        mask = expand_mask(mask, g, q.dtype)
+    out = F.scaled_dot_product_attention(q.reshape(b, nkv, g * s, dh), k, v, attn_mask=mask)
+    return out.view(b, nh, s, dh).transpose(1, 2).reshape(b, s, nh * dh)
+
+
+def expand_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, S, K) additive mask -> (B, 1, G*S, K) in ``dtype``, row g*S + i being row i."""
+    if groups > 1:
+        b, _, rows, kl = mask.shape
+        mask = mask[:, :, None].expand(b, 1, groups, rows, kl).reshape(b, 1, groups * rows, kl)
+    return mask.to(dtype)
+
+
+ATTENTION = {"eager": attend, "sdpa": attend_sdpa}
+
+
+def set_attention(model: nn.Module, impl: str) -> nn.Module:
+    """Choose the attention kernel of every Gemma attention in ``model``: ``eager`` (matmul +
+    float32 mask + float32 softmax, openpi's HF "eager" path; the default) or ``sdpa``."""
+    if impl not in ATTENTION:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {impl!r}")
+    for m in model.modules():
+        if isinstance(m, GemmaAttention):
+            m.attention = impl
+    return model
+
+
 class GemmaAttention(nn.Module):
+    attention = "eager"  # or "sdpa" (set_attention)
+
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
@@ -113,7 +158,8 @@ class GemmaAttention(nn.Module):
         self.write_kv(h, cos, sin, k_buf, v_buf, start)
         q = self.q_proj(h).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         end = start + s
-        out = attend(apply_rope(q, cos, sin), k_buf[:, :, :end], v_buf[:, :, :end], mask)
+        out = ATTENTION[self.attention](apply_rope(q, cos, sin), k_buf[:, :, :end],
+                                        v_buf[:, :, :end], mask)
         return self.o_proj(out)
 
 
@@ -171,9 +217,17 @@ class GemmaStack(nn.Module):
         mods.append(self.norm.modulation(cond))
         return torch.stack(mods, dim=1)
 
+    def _attention_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # sdpa takes the mask in the activation dtype with its rows repeated per query group:
+        # build that once per stack call, not once per layer.
+        if self.layers and self.layers[0].self_attn.attention == "sdpa":
+            return expand_mask(mask, self.cfg.num_heads // self.cfg.num_kv_heads, dtype)
+        return mask
+
     def fill_kv(self, x, cos, sin, k_cache, v_cache, mask) -> None:
         """Prefix pass: x (B, P, W) -> keys/values of every layer into k/v_cache[l][:, :, :P]."""
         last = len(self.layers) - 1
+        mask = self._attention_mask(mask, x.dtype)
         for i, layer in enumerate(self.layers):
             if i == last:
                 layer.write_kv_only(x, cos, sin, k_cache[i], v_cache[i], 0)
@@ -182,6 +236,7 @@ class GemmaStack(nn.Module):
 
     def forward_suffix(self, x, cos, sin, k_cache, v_cache, start, mask, mods=None):
         """Suffix pass over the cached prefix: x (B, S, W) -> final-normed (B, S, W)."""
+        mask = self._attention_mask(mask, x.dtype)
         for i, layer in enumerate(self.layers):
             layer_mods = None if mods is None else mods[2 * i:2 * i + 2]
             x = layer(x, cos, sin, k_cache[i], v_cache[i], start, mask, layer_mods)

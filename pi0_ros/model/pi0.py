@@ -56,10 +56,11 @@ class PrefixCache:
 class TimeConditioning:
     """Everything of a denoising schedule that depends only on t (prepared once per step count).
 
-    ``times``: the t of each velocity evaluation, accumulated in float32 as openpi does
-    (1.0, 0.9, 0.79999995, ...). ``time_emb`` (steps, We) float32 sinusoidal embeddings (pi0);
-    ``cond`` (steps, We) float32 adaRMS condition = swish(time_mlp_out(swish(time_mlp_in(emb))))
-    and ``modulation`` (steps, 2*depth+1, 3, We) float32 adaRMS scale/shift/gate (pi0.5).
+    ``times``: the t of each velocity evaluation on the ``grid`` of ``time_grid`` (openpi:
+    accumulated in float32, 1.0, 0.9, 0.79999995, ...; LeRobot: 1.0, 0.9, 0.8, ...).
+    ``time_emb`` (steps, We) float32 sinusoidal embeddings (pi0); ``cond`` (steps, We) float32
+    adaRMS condition = swish(time_mlp_out(swish(time_mlp_in(emb)))) and ``modulation``
+    (steps, 2*depth+1, 3, We) float32 adaRMS scale/shift/gate (pi0.5).
     """
 
     num_steps: int
@@ -68,14 +69,31 @@ class TimeConditioning:
     time_emb: torch.Tensor
     cond: torch.Tensor | None
     modulation: torch.Tensor | None
+    grid: str = "openpi"
 
 
-def time_grid(num_steps: int) -> tuple[float, tuple[float, ...]]:
-    """openpi's Euler schedule: dt = float32(-1/N); t starts at 1.0 and accumulates t += dt in
-    float32. The trip count is the Python int N (openpi's `while t >= -dt/2` gives the same N)."""
-    if not isinstance(num_steps, int) or num_steps <= 0:
+# Denoising time grids (``time_grid``): which framework's t values the sampler evaluates at.
+TIME_GRIDS: tuple[str, ...] = ("openpi", "lerobot")
+
+
+def time_grid(num_steps: int, grid: str = "openpi") -> tuple[float, tuple[float, ...]]:
+    """The Euler schedule -> (dt, times).  Both grids step x by dt = float32(-1/N) (a Python
+    float applied to a float32 tensor is used as float32) over the Python-int trip count N.
+
+    ``"openpi"``: t starts at 1.0 and accumulates ``t += dt`` in float32 (openpi's
+    ``while t >= -dt/2`` loop gives the same N): 1.0, 0.9, 0.79999995, ...
+    ``"lerobot"``: LeRobot's ``euler_integrate`` (0.5+; 0.4.x inline): t_k = 1.0 + k * (-1/N)
+    in Python float64, then a float32 tensor: 1.0, 0.9, 0.8, ... (differs from openpi's by up to
+    a few float32 ulps, which moves the actions of the tiny fixture by ~8e-5).
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps <= 0:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if grid not in TIME_GRIDS:
+        raise ValueError(f"time grid: expected one of {list(TIME_GRIDS)}, found {grid!r}")
     dt = np.float32(-1.0 / num_steps)
+    if grid == "lerobot":
+        step = -1.0 / num_steps  # float64, as LeRobot's Python `dt`
+        return float(dt), tuple(float(np.float32(1.0 + k * step)) for k in range(num_steps))
     t, times = np.float32(1.0), []
     for _ in range(num_steps):
         times.append(float(t))
@@ -97,6 +115,9 @@ class Pi0Model(nn.Module):
         super().__init__()
         self.config = config
         cfg, we = config, config.expert.width
+        # The time grid ``time_conditioning`` uses by default (``TIME_GRIDS``; the policy sets it
+        # from its semantics before the engine prepares).
+        self.time_grid = "openpi"
         self.vision = SiglipVision(cfg.vision)
         self.projector = nn.Linear(cfg.vision.width, cfg.lm.width)
         # Tied PaliGemma embedding (stored as `paligemma.lm_head.weight`).
@@ -218,17 +239,58 @@ class Pi0Model(nn.Module):
 
     # -- stage 3: denoising -----------------------------------------------------------------------
     @torch.no_grad()
-    def time_conditioning(self, num_steps: int) -> TimeConditioning:
-        """Precompute, once per step count, what each step needs from t alone (§7)."""
-        dt, times = time_grid(num_steps)
+    def time_conditioning(self, num_steps: int, grid: str | None = None) -> TimeConditioning:
+        """Precompute, once per step count, what each step needs from t alone (§7).
+        ``grid``: a ``TIME_GRIDS`` name; None: ``self.time_grid`` ("openpi" unless set)."""
+        grid = self.time_grid if grid is None else grid
+        dt, times = time_grid(num_steps, grid)
         cfg = self.config
         t = torch.tensor(times, dtype=torch.float32, device=self.device)
         emb = sinusoidal_embedding(t, cfg.expert.width, cfg.min_period, cfg.max_period)
         cond = modulation = None
         if cfg.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))  # (steps, We)
-            modulation = self.expert.modulations(cond)
-        return TimeConditioning(num_steps, dt, times, emb, cond, modulation)
+            # Where the prepare-only weights live (host memory after release_unread_weights).
+            home = self.time_mlp_in.weight.device
+            if home.type == "meta" and self.device.type != "meta":
+                raise RuntimeError("the time-conditioning weights were dropped "
+                                   "(release_unread_weights(to=None)); reload the model to "
+                                   "prepare another step count")
+            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb.to(home)))))
+            modulation = self.expert.modulations(cond).to(self.device)  # (steps, 2d+1, 3, We)
+            cond = cond.to(self.device)
+        return TimeConditioning(num_steps, dt, times, emb, cond, modulation, grid)
+
+    def unread_modules(self) -> dict[str, list[str]]:
+        """Modules the served stages never run: ``prepare`` ones (pi0.5: the adaRMS ``dense``
+        layers and the time MLP, read only by ``time_conditioning``) and ``never`` ones (the last
+        LM layer's q / o / MLP / post-attention norm and the LM's final norm: only the last
+        layer's keys / values are read, SEMANTICS §9)."""
+        last = f"lm.layers.{len(self.lm.layers) - 1}"
+        never = [f"{last}.self_attn.q_proj", f"{last}.self_attn.o_proj", f"{last}.mlp",
+                 f"{last}.post_attention_layernorm", "lm.norm"]
+        prepare = []
+        if self.config.pi05:
+            prepare = ["time_mlp_in", "time_mlp_out", "expert.norm.dense"]
+            prepare += [f"expert.layers.{i}.{norm}.dense" for i in range(len(self.expert.layers))
+                        for norm in ("input_layernorm", "post_attention_layernorm")]
+        return {"prepare": prepare, "never": never}
+
+    def release_unread_weights(self, to: str | torch.device | None = "cpu") -> int:
+        """Move the ``unread_modules`` off the device (``to="cpu"``: host memory, and
+        ``time_conditioning`` keeps working there) or drop them (``to=None``: the meta device,
+        for unified-memory devices such as Jetson Thor where host memory is the same DRAM).
+        Returns the bytes released from the model's device. Call after ``time_conditioning``
+        (the engine does, in ``prepare``); idempotent."""
+        target = torch.device("meta" if to is None else to)
+        freed = 0
+        for names in self.unread_modules().values():
+            for name in names:
+                module = self.get_submodule(name)
+                tensors = list(module.parameters()) + list(module.buffers())
+                freed += sum(t.numel() * t.element_size() for t in tensors
+                             if t.device == self.device and t.device != target)
+                module.to(target)
+        return freed
 
     def embed_suffix(self, state: torch.Tensor, x_t: torch.Tensor, conds: TimeConditioning,
                      step: int) -> torch.Tensor:

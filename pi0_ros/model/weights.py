@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .config import GEMMA_PRESETS, OPENPI_CAMERAS, Pi0Config
+from .config import GEMMA_PRESETS, Pi0Config
 from .pi0 import Pi0Model
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,12 @@ _KEY_PREFIXES = (
 )
 # Present in every openpi checkpoint, never used (not set by the converter; SEMANTICS §11).
 UNUSED_KEYS = (P + "gemma_expert.lm_head.weight",)
-# The tied embedding is sometimes stored under its other alias.
-_EMBED_ALIAS = P + "paligemma.model.language_model.embed_tokens.weight"
+# PaliGemma's token embedding, under either name (openpi: one tied tensor stored as `lm_head`;
+# LeRobot >= 0.5: two parameters, see `_choose_embedding`).  Our `embed_tokens.weight` <- the
+# chosen one.
+EMBEDDING_KEYS = {"lm_head": P + "paligemma.lm_head.weight",
+                  "embed_tokens": P + "paligemma.model.language_model.embed_tokens.weight"}
+_EMBED_ALIAS = EMBEDDING_KEYS["embed_tokens"]
 _FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -55,13 +59,6 @@ def to_checkpoint_key(name: str) -> str:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     return name
-
-
-def from_checkpoint_key(key: str) -> str:
-    for ours, theirs in _KEY_PREFIXES:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    return key
 
 
 def checkpoint_shapes(config: Pi0Config) -> dict[str, tuple[int, ...]]:
@@ -164,23 +161,60 @@ def config_from_checkpoint(raw: Mapping[str, Any], keys, geometry=None) -> Pi0Co
 
 
 # -- loading --------------------------------------------------------------------------------------
-def _normalize_keys(index: Mapping[str, TensorInfo], pi05: bool) -> dict[str, str]:
-    """{openpi key: file key}: strips LeRobot's `model.` prefix, resolves the embedding alias,
-    applies LeRobot's documented pi05 rename (`action_time_mlp_*` -> `time_mlp_*`)."""
+def _normalize_keys(index: Mapping[str, TensorInfo], pi05: bool) -> tuple[dict[str, str],
+                                                                       dict[str, str]]:
+    """-> ({openpi key: file key}, {embedding key: file key}): strips LeRobot's `model.` prefix,
+    applies LeRobot's documented pi05 rename (`action_time_mlp_*` -> `time_mlp_*`) and sets the
+    PaliGemma embedding candidates (`lm_head` / `embed_tokens`) aside for `_choose_embedding`."""
     mapping: dict[str, str] = {}
+    embeds: dict[str, str] = {}
     for file_key in index:
         key = file_key[len("model."):] if file_key.startswith("model.") else file_key
         if pi05 and key.startswith("action_time_mlp_"):
             key = key[len("action_"):]
-        if key == _EMBED_ALIAS:
-            key = P + "paligemma.lm_head.weight"
-        if key in mapping:
-            if key == P + "paligemma.lm_head.weight":
-                continue  # both aliases of the tied embedding stored: one is enough
+        table = embeds if key in EMBEDDING_KEYS.values() else mapping
+        if key in table:
             raise CheckpointError(f"two tensors map to the key {key!r}: "
-                                  f"{mapping[key]!r} and {file_key!r}")
-        mapping[key] = file_key
-    return mapping
+                                  f"{table[key]!r} and {file_key!r}")
+        table[key] = file_key
+    return mapping, embeds
+
+
+def _choose_embedding(embeds: Mapping[str, str], *, lerobot: bool, weights: Path,
+                      embedding: str | None) -> str | None:
+    """The file key of the token embedding the model uses.
+
+    openpi ties PaliGemma's input embedding and LM head (one tensor, stored once as `lm_head`,
+    `embed_tokens` named as its alias in the file metadata).  LeRobot >= 0.5 keeps them as two
+    parameters and `save_pretrained` writes both; only `embed_tokens` is read at inference
+    (`embed_language_tokens`) and only it gets gradients, so after fine-tuning `lm_head` is a stale
+    copy.  Hence: one candidate -> it; two -> `embedding` if given, `embed_tokens` for the LeRobot
+    layout, and for the openpi layout (which does not say) the tensors must be equal.
+    """
+    if embedding is not None and embedding not in EMBEDDING_KEYS:
+        raise CheckpointError(f"embedding={embedding!r}: expected one of {sorted(EMBEDDING_KEYS)}")
+    if len(embeds) < 2:
+        return next(iter(embeds.values()), None)  # none: `validate` reports the missing key
+    if embedding is not None:
+        return embeds[EMBEDDING_KEYS[embedding]]
+    lm_head = embeds[EMBEDDING_KEYS["lm_head"]]
+    embed_tokens = embeds[EMBEDDING_KEYS["embed_tokens"]]
+    if lerobot:
+        log.info("%s stores both %s and %s: using embed_tokens (the one LeRobot's model reads)",
+                 weights, lm_head, embed_tokens)
+        return embed_tokens
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        a, b = f.get_tensor(lm_head), f.get_tensor(embed_tokens)
+    if a.shape == b.shape and torch.equal(a, b):
+        return lm_head
+    diff = (a.float() - b.float()).abs().max().item() if a.shape == b.shape else "shape"
+    raise CheckpointError(
+        f"{weights}: two different token embeddings, {lm_head!r} and {embed_tokens!r} "
+        f"(max |diff| {diff}), and the openpi layout does not say which the model uses (openpi "
+        "ties them). Pass embedding='embed_tokens' (LeRobot >= 0.5 fine-tunes: the one used at "
+        "inference) or embedding='lm_head' (pi0-ros-* CLIs: --embedding)")
 
 
 def validate(config: Pi0Config, index: Mapping[str, TensorInfo], mapping: Mapping[str, str],
@@ -210,16 +244,43 @@ def validate(config: Pi0Config, index: Mapping[str, TensorInfo], mapping: Mappin
                               f"{'pi0.5' if config.pi05 else 'pi0'} model: {unexpected[:8]}")
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: str = "float32", geometry=None) -> tuple[Pi0Model, Pi0Config]:
-    """Load an openpi-converted checkpoint directory (or a LeRobot pi0 / pi05 directory, or a
-    bare `model.safetensors`) -> (model in eval mode with ``dtype`` precision, config)."""
-    path = Path(path)
-    ckpt_dir = path.parent if path.is_file() else path
-    weights = path if path.is_file() else path / "model.safetensors"
+def checkpoint_files(path: str | os.PathLike, *, need_config: bool = True
+                     ) -> tuple[Path, Path, Path]:
+    """(checkpoint dir, weights file, config.json) of a checkpoint directory or a bare
+    `model.safetensors`.  A missing path, an empty directory, a directory without
+    `model.safetensors` or (``need_config``) without `config.json` is refused as exactly that."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        return path.parent, path, path.parent / "config.json"
+    found = sorted(p.name for p in path.iterdir())
+    if not found:
+        raise CheckpointError(f"checkpoint directory {path} is empty (expected model.safetensors "
+                              "and config.json)")
+    weights, cfg_file = path / "model.safetensors", path / "config.json"
+    hint = ""
+    if (path / "pretrained_model").is_dir():  # a LeRobot training checkpoint step directory
+        hint = f"; LeRobot keeps the policy in {path / 'pretrained_model'}"
     if not weights.is_file():
-        raise CheckpointError(f"no model.safetensors in {ckpt_dir} (looked for {weights})")
-    cfg_file = ckpt_dir / "config.json"
+        raise CheckpointError(f"no model.safetensors in {path} (found: {found[:12]}){hint}")
+    if need_config and not cfg_file.is_file():
+        raise CheckpointError(
+            f"no config.json in {path} (found: {found[:12]}); openpi's converter and LeRobot's "
+            "save_pretrained both write one next to model.safetensors; without it pass a geometry "
+            f"override (--geometry FILE.json){hint}")
+    return path, weights, cfg_file
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: str = "float32", geometry=None,
+                    embedding: str | None = None) -> tuple[Pi0Model, Pi0Config]:
+    """Load an openpi-converted checkpoint directory (or a LeRobot pi0 / pi05 directory, or a
+    bare `model.safetensors`) -> (model in eval mode with ``dtype`` precision, config).
+
+    ``embedding``: ``"embed_tokens"`` / ``"lm_head"`` picks the token embedding when a file
+    stores two different ones in a layout that does not say which (see `_choose_embedding`)."""
+    ckpt_dir, weights, cfg_file = checkpoint_files(path, need_config=geometry is None)
     try:
         raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     except ValueError as e:
@@ -233,7 +294,11 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
             "pi0 (no time_mlp_in / adaRMS dense keys)")
         raise CheckpointError(f"{cfg_file}: the config says {said} but the tensors in {weights} "
                               f"are a {found} checkpoint")
-    mapping = _normalize_keys(index, config.pi05)
+    mapping, embeds = _normalize_keys(index, config.pi05)
+    lerobot = raw.get("type") in ("pi0", "pi05") or any(k.startswith("model.") for k in index)
+    chosen = _choose_embedding(embeds, lerobot=lerobot, weights=weights, embedding=embedding)
+    if chosen is not None:
+        mapping[EMBEDDING_KEYS["lm_head"]] = chosen  # our `embed_tokens.` <- openpi's lm_head key
     validate(config, index, mapping, str(weights))
 
     with torch.device("meta"):
@@ -251,10 +316,6 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     log.info("loaded %s (%s, %d tensors) as %s on %s", weights,
              "pi0.5" if config.pi05 else "pi0", len(state), dtype, device)
     return model.eval().requires_grad_(False), config
-
-
-def default_cameras(config: Pi0Config) -> tuple[str, ...]:
-    return config.cameras if config.cameras else OPENPI_CAMERAS
 
 
 def geometry_dict(config: Pi0Config) -> dict[str, Any]:

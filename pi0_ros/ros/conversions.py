@@ -11,8 +11,11 @@ encoding                      mapping
 ``mono8`` / ``8UC1``          replicated to 3 channels
 ``mono16`` / ``16UC1``        ``value >> 8`` to uint8 (the high byte; ``is_bigendian`` honoured),
                               replicated to 3 channels
-CompressedImage jpeg / png    decoded with cv_bridge when importable, else Pillow; 16-bit png
-                              as ``mono16``
+CompressedImage jpeg / png    decoded with OpenCV (``cv2.imdecode``, ``IMREAD_UNCHANGED``, as
+                              cv_bridge does), whether or not cv_bridge is installed: colour
+                              BGR -> RGB, BGRA -> RGB (alpha dropped), 8-bit gray replicated
+                              like ``mono8``, 16-bit (gray or colour) -> the high byte like
+                              ``mono16``
 ============================  ===============================================================
 
 ``step`` is honoured (padded rows are cut). Anything else raises :class:`ConversionError`, a
@@ -33,6 +36,8 @@ from builtin_interfaces.msg import Duration as DurationMsg
 from builtin_interfaces.msg import Time as TimeMsg
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from pi0_ros.pipeline.config import MAX_ABS_STATE, MAX_IMAGE_PIXELS
 
 NS_PER_S = 1_000_000_000
 
@@ -185,23 +190,33 @@ def rgb_to_image(
     return msg
 
 
-def _cv_bridge() -> Any | None:
-    try:
-        from cv_bridge import CvBridge
-    except ImportError:
-        return None
-    return CvBridge()
+_cv2: Any = None
+
+
+def _opencv() -> Any:
+    """cv2, imported on first use (opencv-python-headless, or the distribution's python3-opencv
+    that cv_bridge itself uses)."""
+    global _cv2
+    if _cv2 is None:
+        import cv2
+
+        _cv2 = cv2
+    return _cv2
 
 
 def compressed_to_rgb(msg: CompressedImage, bridge: Any | None = None) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg / png) -> (H, W, 3) uint8 RGB.
 
-    ``bridge`` is a cv_bridge.CvBridge (or None to try importing one); Pillow decodes otherwise.
+    Decoded by OpenCV exactly as cv_bridge's ``compressed_imgmsg_to_cv2(msg, "rgb8")`` decodes
+    (``imdecode(IMREAD_UNCHANGED)``: no EXIF rotation, then BGR -> RGB), so a bag gives the same
+    pixels with or without a ROS install.  Where cv_bridge refuses an "rgb8" request (8-bit gray)
+    or returns 16 bits (16-bit png) the raw ``Image`` rules of this module apply: gray is
+    replicated (``mono8``), 16-bit values keep their high byte (``mono16``).  ``bridge``: an
+    explicit cv_bridge.CvBridge to decode with instead (its own semantics).
     """
-    data = bytes(msg.data)
-    if not data:
+    data = msg.data
+    if len(data) == 0:
         raise ConversionError("zero_size", "compressed image has no data")
-    bridge = bridge if bridge is not None else _cv_bridge()
     if bridge is not None:
         try:
             rgb = np.asarray(bridge.compressed_imgmsg_to_cv2(msg, desired_encoding="rgb8"))
@@ -210,26 +225,50 @@ def compressed_to_rgb(msg: CompressedImage, bridge: Any | None = None) -> np.nda
                 "corrupt_compressed", f"cannot decode '{msg.format}' image: {exc}"
             ) from exc
         return _check_decoded(rgb)
-    from PIL import Image as PILImage
-
+    cv2 = _opencv()
+    buf = np.frombuffer(data, dtype=np.uint8)  # no copy of an array.array / bytes payload
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                gray = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
-                return _check_decoded(_gray_to_rgb(gray))
-            rgb = np.asarray(img.convert("RGB"))
-    except Exception as exc:  # Pillow raises OSError / SyntaxError / ValueError variants
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
         raise ConversionError(
             "corrupt_compressed", f"cannot decode '{msg.format}' image: {exc}"
         ) from exc
-    return _check_decoded(rgb)
+    if decoded is None:
+        raise ConversionError(
+            "corrupt_compressed",
+            f"cannot decode '{msg.format}' image ({len(data)} bytes): not a complete jpeg / png",
+        )
+    return _check_decoded(_decoded_to_rgb(decoded, msg.format))
+
+
+def _decoded_to_rgb(decoded: np.ndarray, fmt: str) -> np.ndarray:
+    """OpenCV's ``IMREAD_UNCHANGED`` result (gray / BGR / BGRA, 8 or 16 bit) -> uint8 RGB."""
+    if decoded.dtype == np.uint16:
+        decoded = (decoded >> 8).astype(np.uint8)  # the high byte, as for mono16
+    elif decoded.dtype != np.uint8:
+        raise ConversionError(
+            "encoding", f"'{fmt}' image decodes to {decoded.dtype}; expected 8 or 16 bit"
+        )
+    if decoded.ndim == 2:
+        return _gray_to_rgb(decoded)
+    channels = decoded.shape[2]
+    if channels == 3:
+        return _opencv().cvtColor(decoded, _opencv().COLOR_BGR2RGB)  # cv_bridge: bgr8 -> rgb8
+    if channels == 4:
+        return _opencv().cvtColor(decoded, _opencv().COLOR_BGRA2RGB)
+    if channels == 1:
+        return _gray_to_rgb(decoded[..., 0])
+    raise ConversionError(
+        "encoding", f"'{fmt}' image decodes to {channels} channels; expected 1, 3 or 4"
+    )
 
 
 def _check_decoded(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ConversionError("zero_size", f"decoded image has shape {rgb.shape}")
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.dtype != np.uint8:
+        raise ConversionError("encoding", f"decoded image is {rgb.dtype}, expected uint8")
+    return np.ascontiguousarray(rgb)
 
 
 def rgb_to_compressed(
@@ -254,22 +293,66 @@ def rgb_to_compressed(
     return msg
 
 
-def to_rgb(msg: Image | CompressedImage) -> np.ndarray:
-    """Either image type -> (H, W, 3) uint8 RGB."""
+def to_rgb(msg: Image | CompressedImage, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Either image type -> (H, W, 3) uint8 RGB. An image whose header (``width`` x ``height``;
+    a png's IHDR, a jpeg's SOF) says more than ``max_pixels`` is refused (``image_too_large``)
+    before anything is decoded: a 10 KB png can decode to gigabytes."""
+    if isinstance(msg, CompressedImage):
+        size = compressed_size(msg.data)
+    else:
+        size = (int(msg.width), int(msg.height))
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ConversionError(
+            "image_too_large",
+            f"image header says {size[0]}x{size[1]} = {size[0] * size[1]} pixels > "
+            f"max_image_pixels {max_pixels}; not decoded",
+        )
     if isinstance(msg, CompressedImage):
         return compressed_to_rgb(msg)
     return image_to_rgb(msg)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def compressed_size(data: Any) -> tuple[int, int] | None:
+    """(width, height) read from a png / jpeg header without decoding; None if not found."""
+    head = bytes(data[:24])
+    if head.startswith(_PNG_SIGNATURE) and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    buf = memoryview(data) if not isinstance(data, array.array) else memoryview(data).cast("B")
+    i, n = 2, len(buf)
+    while i + 9 <= n:  # walk the marker segments up to the first start-of-frame
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return (buf[i + 7] << 8) | buf[i + 8], (buf[i + 5] << 8) | buf[i + 6]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + ((buf[i + 2] << 8) | buf[i + 3])
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # joint states
 
 
-def joint_state_to_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
+def joint_state_to_vector(msg: JointState, names: Sequence[str],
+                          max_abs: float = MAX_ABS_STATE) -> np.ndarray:
     """Positions of ``names`` in that order (float32); extra joints are ignored.
 
     Raises ConversionError ``missing_joint`` naming the absent joints, ``malformed_joint_state``
-    when ``name`` and ``position`` differ in length, ``nonfinite_state`` for NaN / Inf.
+    when ``name`` and ``position`` differ in length, ``duplicate_joint`` when a name appears
+    twice, ``nonfinite_state`` for NaN / Inf and ``absurd_state`` for ``|x| > max_abs``, naming
+    the joints.
     """
     if len(msg.name) != len(msg.position):
         raise ConversionError(
@@ -277,6 +360,12 @@ def joint_state_to_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
             f"JointState has {len(msg.name)} names but {len(msg.position)} positions",
         )
     index = {name: i for i, name in enumerate(msg.name)}
+    if len(index) != len(msg.name):
+        seen: set[str] = set()
+        dups = sorted({n for n in msg.name if n in seen or seen.add(n)})
+        raise ConversionError(
+            "duplicate_joint", f"JointState names joint(s) {', '.join(dups)} more than once"
+        )
     missing = [n for n in names if n not in index]
     if missing:
         raise ConversionError(
@@ -287,6 +376,11 @@ def joint_state_to_vector(msg: JointState, names: Sequence[str]) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         bad = [n for n, v in zip(names, values) if not np.isfinite(v)]
         raise ConversionError("nonfinite_state", f"non-finite position for {', '.join(bad)}")
+    if np.any(np.abs(values) > max_abs):
+        bad = [f"{n}={v:g}" for n, v in zip(names, values) if abs(v) > max_abs]
+        raise ConversionError(
+            "absurd_state", f"|position| > max_abs_state {max_abs:g} for {', '.join(bad)}"
+        )
     return values.astype(np.float32)
 
 
@@ -314,6 +408,8 @@ def chunk_to_msg(
     inference_latency: float = 0.0,
     sequence: int = 0,
     model_name: str = "",
+    input_stamps: Sequence[int] = (),
+    rtc_delay: int = 0,
 ) -> Any:
     """float32 (H, D) robot-space actions -> pi0_ros_msgs/ActionChunk."""
     from pi0_ros_msgs.msg import ActionChunk
@@ -328,6 +424,8 @@ def chunk_to_msg(
     msg.inference_latency = float(inference_latency)
     msg.sequence = int(sequence)
     msg.model_name = model_name
+    msg.input_stamps = [ns_to_stamp(t) for t in input_stamps]
+    msg.rtc_delay = int(rtc_delay)
     return msg
 
 

@@ -2,13 +2,17 @@
 
 Data path::
 
-    ActionChunk (pi0_ros_msgs) / JointTrajectory      [subscription callbacks, convert + submit]
-      -> pi0_ros.control.StreamingExecutor.submit(chunk, now)   (rejected whole, with a reason)
-    /joint_states -> set_state(q, now) once, the initial commanded state
+    ActionChunk (pi0_ros_msgs) / JointTrajectory      [subscription callbacks]
+      -> pi0_ros.control.ExecutorDriver.submit(...)   (converted, rejected whole with a reason)
+    /joint_states -> ExecutorDriver.measure(...) every message: the first usable one
+                     initializes the commanded state, later ones check the tracking tolerance
     control thread (absolute-deadline sleep + spin-wait tail, ``control_rate`` Hz)
-      -> executor.tick(now) -> JointState (position + velocity) command
-         [+ Float64MultiArray for forward controllers] [+ short JointTrajectory segment]
-    /diagnostics ~1 Hz: period error, seams, rejected chunks by reason, holds.
+      -> driver.tick(now) -> JointState (position + velocity) command, stamped with the tick
+         [+ Float64MultiArray for forward controllers] [+ JointTrajectory for JTC]
+    /diagnostics ~1 Hz: the driver's summary (the replay's too) + the loop's timing.
+
+The parameter table, its mapping onto ``ExecutorNodeConfig`` and the message builder live in
+``ros/executor_params.py`` (no rclpy at import), shared with the offline replay.
 
 The control loop runs on a dedicated thread, not an rclpy timer: timers in rclpy's Python
 executor cannot meet a p99 period error of 0.5 ms while inference threads hold the GIL now and
@@ -23,111 +27,41 @@ import gc
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from trajectory_msgs.msg import JointTrajectory
 
-from pi0_ros.control import (
-    INTERPRETATIONS,
-    ExecutorConfig,
-    StreamingExecutor,
-    chunk_from_arrays,
+from pi0_ros.control import ExecutorDriver
+from pi0_ros.control.loop import DeadlineLoop, request_realtime
+from pi0_ros.paramcheck import live_change_refusal
+from pi0_ros.ros.executor_params import (  # noqa: F401  (re-exported: the node's public table)
+    LIVE_PARAMETERS,
+    OUTPUTS,
+    PARAMETERS,
+    ROS_PARAMETERS,
+    ExecutorNodeConfig,
+    command_messages,
+    config_from_parameters,
+    undeclared,
+    unknown_parameters_message,
 )
+
+try:  # ros-std-srvs (bootstrap's ROS list); without it `enabled` is the parameter alone
+    from std_srvs.srv import SetBool
+except ImportError:  # pragma: no cover - depends on the install
+    SetBool = None
 
 NODE_NAME = "pi0_executor_node"
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
-SPIN_TAIL = 0.0003  # s before a deadline where the control thread stops sleeping and spins
 SWITCH_INTERVAL = 0.0002  # s, Python GIL hand-over interval while the control thread runs
-SEGMENT_POINTS = 5  # points of a JointTrajectory command segment
-OUTPUTS = ("joint_state", "forward", "trajectory")
-
-PARAMETERS = {  # name: (default, description); config/executor.yaml documents each one
-    "joint_names": (["joint_0"], "controlled joints, order of every command"),
-    "position_min": ([-3.14], "rad, per joint"),
-    "position_max": ([3.14], "rad, per joint"),
-    "velocity_max": ([1.0], "rad/s, per joint"),
-    "acceleration_max": ([10.0], "rad/s^2, per joint"),
-    "control_rate": (500.0, "Hz, 50..1000"),
-    "strategy": ("replace", "replace | crossfade | temporal_ensemble"),
-    "interpolation": ("cubic", "linear | cubic"),
-    "interpretation": (["absolute"], "one for all joints or one per joint"),
-    "crossfade_window": (0.1, "s"),
-    "ensemble_decay": (0.01, "ACT-style exp(-k * index) weight"),
-    "max_seam_jump": (0.5, "rad; a chunk whose seam jumps more is rejected"),
-    "chunk_timeout": (0.5, "s without a fresh chunk before decelerating to hold"),
-    "chunk_topic": ("/pi0_policy_node/action_chunk", "pi0_ros_msgs/ActionChunk input"),
-    "trajectory_topic": ("~/trajectory_in", "trajectory_msgs/JointTrajectory input"),
-    "joint_states_topic": ("/joint_states", "initial state"),
-    "outputs": (["joint_state"], "any of joint_state, forward, trajectory"),
-    "command_topic": ("~/joint_command", "sensor_msgs/JointState command"),
-    "forward_topic": ("/forward_position_controller/commands", "Float64MultiArray"),
-    "trajectory_out_topic": ("/joint_trajectory_controller/joint_trajectory", "segments"),
-}
-
-
-@dataclass(frozen=True)
-class ExecutorNodeConfig:
-    executor: ExecutorConfig
-    control_rate: float
-    interpretation: tuple[str, ...]
-    chunk_topic: str
-    trajectory_topic: str
-    joint_states_topic: str
-    outputs: tuple[str, ...]
-    command_topic: str
-    forward_topic: str
-    trajectory_out_topic: str
-
-    def __post_init__(self):
-        if not 50.0 <= self.control_rate <= 1000.0:
-            raise ValueError(f"control_rate {self.control_rate} not in [50, 1000] Hz")
-        bad = [o for o in self.outputs if o not in OUTPUTS]
-        if bad or not self.outputs:
-            raise ValueError(f"outputs {self.outputs} must be a non-empty subset of {OUTPUTS}")
-        bad = [i for i in self.interpretation if i not in INTERPRETATIONS]
-        if bad or len(self.interpretation) != len(self.executor.joint_names):
-            raise ValueError(f"interpretation {self.interpretation}: expected one of "
-                             f"{INTERPRETATIONS} per joint")
-
-
-def config_from_parameters(get) -> ExecutorNodeConfig:
-    """The one place parameters become configuration: ``get(name)`` returns the value of a
-    parameter of ``PARAMETERS`` (the node's, or a parameter file's in offline replay).
-    Raises ``ValueError`` naming the parameter for a wrong count or value."""
-    p = {name: get(name) for name in PARAMETERS}
-    names = tuple(str(n) for n in p["joint_names"])
-    d = len(names)
-    if d == 0:
-        raise ValueError("joint_names: expected at least one joint, got []")
-
-    def per_joint(key):
-        vals = tuple(float(v) for v in p[key])
-        if len(vals) not in (1, d):
-            raise ValueError(f"{key}: expected 1 or {d} values (one per joint), got {len(vals)}")
-        return vals * d if len(vals) == 1 else vals
-
-    interp = tuple(str(v) for v in p["interpretation"])
-    if len(interp) not in (1, d):
-        raise ValueError(f"interpretation: expected 1 or {d} values, got {len(interp)}")
-    ex = ExecutorConfig(names, per_joint("position_min"), per_joint("position_max"),
-                        per_joint("velocity_max"), per_joint("acceleration_max"),
-                        strategy=str(p["strategy"]), interpolation=str(p["interpolation"]),
-                        crossfade_window=float(p["crossfade_window"]),
-                        ensemble_decay=float(p["ensemble_decay"]),
-                        max_seam_jump=float(p["max_seam_jump"]),
-                        chunk_timeout=float(p["chunk_timeout"]))
-    return ExecutorNodeConfig(ex, float(p["control_rate"]), interp * d if len(interp) == 1
-                              else interp, str(p["chunk_topic"]), str(p["trajectory_topic"]),
-                              str(p["joint_states_topic"]), tuple(p["outputs"]),
-                              str(p["command_topic"]), str(p["forward_topic"]),
-                              str(p["trajectory_out_topic"]))
 
 
 def config_from_node(node) -> ExecutorNodeConfig:
@@ -140,34 +74,47 @@ class ExecutorNode(LifecycleNode):
         for name, (default, doc) in PARAMETERS.items():
             self.declare_parameter(name, default, ParameterDescriptor(description=doc))
         self.config: ExecutorNodeConfig | None = None
-        self.executor_core: StreamingExecutor | None = None
+        self.driver: ExecutorDriver | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._frozen = False  # gc.freeze() done by the control loop's start
         self._pubs: dict = {}
         self._subs: list = []
         self._timer = None
         self._diag = None
         self._active = False
-        self.period_errors: list[float] = []  # s, |actual - ideal| tick time, bounded
-        self.missed_ticks = 0
-        self.tick_errors = 0
+        self.loop: DeadlineLoop | None = None  # timing: ticks, missed ticks, period errors
+        self.realtime = "not started"
         self.ticks_published = 0
         self._holding = True
-        self.ticks = 0
+        self.configure_error = ""  # why the last configure failed ("" after a success)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._enable_srv = None
+        if SetBool is not None:
+            self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
 
     # -- lifecycle --------------------------------------------------------------------------
     def _guard(self, what, fn, state, parent):
         try:
             fn()
         except Exception as exc:  # a transition never lets an exception escape
-            self.get_logger().error(f"{what} failed: {exc!r}")
+            text = str(exc) if isinstance(exc, ValueError) else repr(exc)
+            if what == "configure":
+                self.configure_error = text
+            self.get_logger().error(f"{what} failed: {text}")
             return FAILURE
         return parent(state)
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.configure_error = ""
         return self._guard("configure", self._configure, state, super().on_configure)
 
     def _configure(self):
+        unknown = undeclared(self._parameter_overrides)
+        if unknown:  # a typo'd limit must never fall back to a default (velocity_limits...)
+            raise ValueError(
+                f"{unknown_parameters_message(unknown)} in the parameters of "
+                f"{self.get_fully_qualified_name()} (`ros2 param list` shows the declared ones)")
         cfg = config_from_node(self)
         self.config = cfg
         self._pubs = {}
@@ -195,7 +142,9 @@ class ExecutorNode(LifecycleNode):
                                                        self._on_chunk, 10))
         except ImportError as exc:
             self.get_logger().warning(f"pi0_ros_msgs unavailable, ActionChunk input off: {exc}")
-        self._timer = self.create_timer(1.0, self._publish_diagnostics)
+        # On the steady clock: /diagnostics keeps coming while a sim /clock is stopped.
+        self._timer = self.create_timer(1.0, self._publish_diagnostics,
+                                        clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         return self._guard("activate", self._activate, state, super().on_activate)
@@ -204,7 +153,9 @@ class ExecutorNode(LifecycleNode):
         # The robot may have moved while inactive: the first /joint_states after activation
         # sets the commanded state again, and chunks wait for it.
         cfg = self.config
-        self.executor_core = StreamingExecutor(cfg.executor, 1.0 / cfg.control_rate)
+        self.driver = ExecutorDriver.from_node_config(cfg)
+        # `enabled` may have changed since configure (live parameter, ~/enable)
+        self.driver.set_enabled(bool(self.get_parameter("enabled").value))
         self._active = True
         self.start_control_thread()
 
@@ -228,7 +179,7 @@ class ExecutorNode(LifecycleNode):
             self._timer = None
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
-        self._pubs, self.executor_core, self.config = {}, None, None
+        self._pubs, self.driver, self.config = {}, None, None
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         return self._guard("shutdown", self._deactivate, state, super().on_shutdown)
@@ -252,122 +203,167 @@ class ExecutorNode(LifecycleNode):
         return self._now() - age
 
     def _on_joint_state(self, msg: JointState):
-        core = self.executor_core
-        if core is None or not self._active or core.initialized:
+        drv = self.driver
+        if drv is None or not self._active:
             return
-        pos = dict(zip(msg.name, msg.position))
-        try:
-            q = [pos[n] for n in self.config.executor.joint_names]
-            core.set_state(q, self._now())
-        except (KeyError, ValueError) as exc:
-            self.get_logger().warning(f"joint_states unusable: {exc!r}", throttle_duration_sec=2)
+        was = drv.initialized
+        ok, reason = drv.measure(msg.name, msg.position, self._now())
+        if not ok and reason == "state_outside_limits":
+            self.get_logger().error(f"not commanding: {drv.fault_detail}",
+                                    throttle_duration_sec=2)
+        elif not ok:
+            self.get_logger().warning(f"joint_states unusable: {reason}", throttle_duration_sec=2)
+        elif not was:
+            self.get_logger().info(f"commanded state initialized at {drv.position.tolist()}")
+        if drv.fault == "tracking_error":
+            self.get_logger().error(drv.fault_detail, throttle_duration_sec=1)
 
-    def _submit(self, make):
-        core = self.executor_core
-        if core is None or not self._active:
+    def _submit(self, t0, dt, names, actions, now, **kwargs):
+        drv = self.driver
+        if drv is None or not self._active:
             return
-        now = self._now()
-        if not core.initialized:
-            self.get_logger().warning("no /joint_states yet; chunk ignored",
+        ok, reason = drv.submit(t0, dt, names, actions, now, **kwargs)
+        if reason == "disabled":
+            self.get_logger().info("paused (enabled=false): chunk ignored, holding",
+                                   throttle_duration_sec=5)
+        elif reason == "no_joint_state":
+            self.get_logger().warning("no usable /joint_states yet; chunk ignored",
                                       throttle_duration_sec=2)
-            return
-        try:
-            chunk = make()
-        except ValueError as exc:  # ChunkError carries the reason (non_finite, dt, ...)
-            core._reject(getattr(exc, "reason", "invalid"))
-            self.get_logger().warning(f"chunk rejected: {exc}", throttle_duration_sec=2)
-            return
-        ok, reason = core.submit(chunk, now)
-        if not ok:
-            self.get_logger().warning(f"chunk rejected: {reason}", throttle_duration_sec=2)
-
-    def _state0(self):
-        return self.executor_core._q.copy()  # commanded state stands in for state at t0
+        elif not ok:
+            self.get_logger().warning(f"chunk rejected: {drv.last_rejection}",
+                                      throttle_duration_sec=2)
 
     def _on_chunk(self, msg):
-        cfg = self.config
-        self._submit(lambda: chunk_from_arrays(
-            self._ros_to_mono(msg.header.stamp), msg.dt, msg.joint_names,
-            np.asarray(msg.actions, dtype=np.float64), interpretation=cfg.interpretation,
-            state0=self._state0(), sequence=msg.sequence, horizon=msg.horizon,
-            action_dim=msg.action_dim))
+        now = self._now()
+        self._submit(self._ros_to_mono(msg.header.stamp), msg.dt, msg.joint_names,
+                     np.asarray(msg.actions, dtype=np.float64), now, sequence=msg.sequence,
+                     horizon=msg.horizon, action_dim=msg.action_dim, rtc_delay=msg.rtc_delay)
 
     def _on_trajectory(self, msg: JointTrajectory):
-        def make():
-            pts = msg.points
-            if len(pts) < 1:
-                raise ValueError("empty trajectory")
-            tfs = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in pts]
-            dt = tfs[1] - tfs[0] if len(tfs) > 1 else 1.0 / self.config.control_rate
-            acts = np.array([p.positions for p in pts], dtype=np.float64)
-            return chunk_from_arrays(self._ros_to_mono(msg.header.stamp) + tfs[0], dt,
-                                     msg.joint_names, acts,
-                                     interpretation=self.config.interpretation,
-                                     state0=self._state0())
-        self._submit(make)
+        now = self._now()
+        pts = msg.points
+        if len(pts) < 1:
+            if self.driver is not None:
+                self.driver.core.reject("dimension", "empty JointTrajectory")
+            return
+        tfs = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in pts]
+        dt = tfs[1] - tfs[0] if len(tfs) > 1 else 1.0 / self.config.control_rate
+        if len({len(p.positions) for p in pts}) != 1:
+            if self.driver is not None:
+                self.driver.core.reject("dimension", "JointTrajectory points differ in size")
+            return
+        acts = np.array([p.positions for p in pts], dtype=np.float64)
+        self._submit(self._ros_to_mono(msg.header.stamp) + tfs[0], dt, msg.joint_names, acts,
+                     now)
+
+    # -- live control: `ros2 param set` and ~/enable -----------------------------------------
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Accept a change of a LIVE_PARAMETERS entry (applied at once); refuse any other while
+        configured (read at configure only: a limit or a topic changed under a moving arm
+        would not take effect, or would take effect mid-motion), with the reason."""
+        configured = self.config is not None  # set from configure to cleanup
+        refusal = live_change_refusal(params, LIVE_PARAMETERS, configured, _check_live)
+        if refusal is not None:
+            return SetParametersResult(successful=False, reason=refusal)
+        for p in params:
+            if p.name == "enabled":
+                self.set_enabled(bool(p.value))
+        return SetParametersResult(successful=True)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Resume (True) or pause (False: decelerate within the limits and hold, keep publishing
+        the hold command, ignore chunks) without a lifecycle transition."""
+        drv = self.driver
+        if drv is not None:
+            drv.set_enabled(enabled)
+        self.get_logger().info("enabled: following chunks" if enabled else
+                               "paused (enabled=false): holding, chunks ignored until enabled")
+
+    def _on_enable(self, request, response):
+        """std_srvs/SetBool ~/enable: the ``enabled`` parameter, so both views agree."""
+        result = self.set_parameters([Parameter("enabled", value=bool(request.data))])[0]
+        response.success = result.successful
+        response.message = ("enabled" if request.data else "paused") if result.successful \
+            else result.reason
+        return response
 
     # -- control loop -------------------------------------------------------------------------
     def start_control_thread(self):
         self.stop_control_thread()
         self._stop.clear()
+        cfg = self.config
         # The default 5 ms GIL switch interval lets a busy Python thread (e.g. an inference
         # worker between torch ops) delay a tick by up to 5 ms; this is process-wide.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        # A full collection walks every live object (torch, rclpy, messages: ~10^5-10^6) with
-        # the GIL held, stalling the control thread for milliseconds. Freezing what exists at
-        # activation keeps those long-lived objects out of later collections (process-wide;
-        # frozen objects are simply never collected, which is what they are anyway).
-        gc.collect()
-        gc.freeze()
-        self._thread = threading.Thread(target=self._control_loop, name="pi0_control",
+        if cfg.gc_freeze:
+            # A full collection walks every live object (torch, rclpy, messages: 10^5-10^6)
+            # with the GIL held, stalling the control thread for milliseconds. Freezing what
+            # exists at activation keeps those long-lived objects out of later collections
+            # (process-wide; frozen objects are simply never collected).
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
+        self.loop = DeadlineLoop(1.0 / cfg.control_rate, self._loop_tick,
+                                 clock=self._now, on_error=self._tick_failed)
+        self._thread = threading.Thread(target=self._control_thread, name="pi0_control",
                                         daemon=True)
         self._thread.start()
+
+    def _control_thread(self):
+        cfg = self.config
+        granted, refused = request_realtime(cfg.realtime_priority, cfg.cpu_affinity)
+        self.realtime = "; ".join(granted) or "SCHED_OTHER (not requested)"
+        for text in granted:
+            self.get_logger().info(f"control thread: {text}")
+        for text in refused:
+            self.realtime = f"refused: {text}"
+            self.get_logger().error(f"control thread: {text}")
+        self.loop.run(self._stop)
 
     def stop_control_thread(self):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
         self._thread = None
+        if self._frozen:  # collectable again once the loop has stopped
+            gc.unfreeze()
+            self._frozen = False
 
-    def _control_loop(self):
-        period = 1.0 / self.config.control_rate
-        deadline = self._now() + period
-        while not self._stop.is_set():
-            remaining = deadline - self._now()
-            if remaining > SPIN_TAIL:
-                time.sleep(remaining - SPIN_TAIL)
-            while self._now() < deadline:  # spin-wait tail: sleep() wakes late by ~50-100 us
-                pass
-            now = self._now()
-            err = now - deadline
-            if err > period:  # woke too late for one or more ticks: count, don't replay
-                missed = int(err // period)
-                self.missed_ticks += missed
-                deadline += missed * period
-            self.period_errors.append(abs(err))
-            if len(self.period_errors) > 200_000:
-                del self.period_errors[:100_000]
-            self.ticks += 1
-            try:
-                self._tick(now)
-            except Exception as exc:  # the loop must outlive any one bad tick
-                self.tick_errors += 1
-                self.get_logger().error(f"control tick failed: {exc!r}",
-                                        throttle_duration_sec=1.0)
-            deadline += period
+    def _tick_failed(self, exc: BaseException):
+        self.get_logger().error(f"control tick failed: {exc!r}", throttle_duration_sec=1.0)
 
-    def _tick(self, now: float):
-        core = self.executor_core
-        if core is None or not core.initialized:
+    def _loop_tick(self, now: float):
+        # The node clock (sim time or not) read at the tick's instant: the command's stamp.
+        self._tick(now, self.get_clock().now().nanoseconds)
+
+    @property
+    def ticks(self) -> int:
+        return self.loop.ticks if self.loop is not None else 0
+
+    @property
+    def missed_ticks(self) -> int:
+        return self.loop.missed_ticks if self.loop is not None else 0
+
+    @property
+    def tick_errors(self) -> int:
+        return self.loop.tick_errors if self.loop is not None else 0
+
+    @property
+    def period_errors(self) -> list[float]:
+        return self.loop.period_errors if self.loop is not None else []
+
+    def _tick(self, now: float, stamp_ns: int):
+        """One control tick at monotonic ``now``; ``stamp_ns`` is the node clock read at the
+        same instant, so every command is stamped with the time it was computed for."""
+        drv = self.driver
+        if drv is None:
             return
-        cmd = core.tick(now)
+        cmd = drv.tick(now)
+        if cmd is None:
+            return
         self._holding = cmd.holding
-        if not (np.all(np.isfinite(cmd.position)) and np.all(np.isfinite(cmd.velocity))):
-            self.get_logger().error("non-finite command suppressed", throttle_duration_sec=1)
-            return
         try:
-            for key, msg in command_messages(self.config, cmd,
-                                             self.get_clock().now().nanoseconds).items():
+            for key, msg in command_messages(self.config, cmd, stamp_ns).items():
                 pub = self._pubs.get(key)
                 if pub is not None:
                     pub.publish(msg)
@@ -380,34 +376,29 @@ class ExecutorNode(LifecycleNode):
     # -- diagnostics ---------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, str]:
         errs = np.asarray(self.period_errors[-5000:]) * 1e3
-        core = self.executor_core
-        stats = core.stats if core is not None else {"seams": 0, "holds": 0, "rejected": {}}
         vals = {"ticks": str(self.ticks), "missed_ticks": str(self.missed_ticks),
                 "tick_errors": str(self.tick_errors),
                 "period_error_p99_ms": f"{np.percentile(errs, 99):.4f}" if errs.size else "nan",
-                "seams": str(stats["seams"]), "holds": str(stats["holds"])}
-        for reason, n in stats["rejected"].items():
-            vals[f"rejected_{reason}"] = str(n)
+                "realtime": self.realtime}
         return vals
 
-    def status(self) -> tuple[bytes, str]:
-        """(level, message) of the node's DiagnosticStatus."""
-        core = self.executor_core
-        if not self._active:
-            return DiagnosticStatus.OK, "inactive"
-        if core is None or not core.initialized:
-            return DiagnosticStatus.ERROR, "no usable joint state yet: not commanding"
+    def status(self) -> tuple[bytes, str, dict[str, str]]:
+        """(level, message, values) of the node's DiagnosticStatus: the driver's summary (the
+        same as the replay's) plus the control loop's timing."""
+        vals = self.diagnostics()
+        drv = self.driver
+        if not self._active or drv is None:
+            return DiagnosticStatus.OK, "inactive", vals
+        summary = drv.diagnostics(self._now())
+        vals.update(summary.values)
         if self.tick_errors:
-            return DiagnosticStatus.ERROR, f"{self.tick_errors} control ticks failed"
-        if self._holding:
-            return DiagnosticStatus.WARN, "holding: no fresh chunk (watchdog)"
-        return DiagnosticStatus.OK, "tracking"
+            return DiagnosticStatus.ERROR, f"{self.tick_errors} control ticks failed", vals
+        return bytes([summary.level]), summary.message, vals
 
     def _publish_diagnostics(self):
         if not self.context.ok():  # shutting down (SIGINT / SIGTERM)
             return
-        vals = self.diagnostics()
-        level, message = self.status()
+        level, message, vals = self.status()
         status = DiagnosticStatus(name=f"{self.get_name()}: executor", hardware_id="pi0_ros",
                                   level=level, message=message)
         status.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
@@ -416,35 +407,10 @@ class ExecutorNode(LifecycleNode):
         self._diag.publish(arr)
 
 
-def command_messages(cfg: ExecutorNodeConfig, cmd, stamp_ns: int) -> dict:
-    """The messages of one control tick, keyed by output (``OUTPUTS``): JointState (position +
-    velocity), Float64MultiArray (positions, for forward controllers) and a short
-    JointTrajectory segment from the commanded state (for joint_trajectory_controller).
-    Shared by the node and the offline replay, so both publish the same bytes."""
-    names = list(cfg.executor.joint_names)
-    sec, nanosec = divmod(int(stamp_ns), 1_000_000_000)
-    out = {}
-    if "joint_state" in cfg.outputs:
-        js = JointState(name=names, position=cmd.position.tolist(),
-                        velocity=cmd.velocity.tolist())
-        js.header.stamp.sec, js.header.stamp.nanosec = sec, nanosec
-        out["joint_state"] = js
-    if "forward" in cfg.outputs:
-        out["forward"] = Float64MultiArray(data=cmd.position.tolist())
-    if "trajectory" in cfg.outputs:
-        traj = JointTrajectory(joint_names=names)
-        traj.header.stamp.sec, traj.header.stamp.nanosec = sec, nanosec
-        period = 1.0 / cfg.control_rate
-        lo = np.asarray(cfg.executor.position_min)
-        hi = np.asarray(cfg.executor.position_max)
-        for k in range(1, SEGMENT_POINTS + 1):  # constant-velocity look-ahead, within limits
-            t = k * period
-            q = np.clip(cmd.position + cmd.velocity * t, lo, hi)
-            pt = JointTrajectoryPoint(positions=q.tolist(), velocities=cmd.velocity.tolist())
-            pt.time_from_start.nanosec = int(t * 1e9)
-            traj.points.append(pt)
-        out["trajectory"] = traj
-    return out
+def _check_live(p: Parameter) -> None:
+    """The one live parameter's value check (``enabled``: a bool)."""
+    if p.name == "enabled" and not isinstance(p.value, bool):
+        raise ValueError(f"enabled must be a bool, got {p.value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,55 +1,60 @@
 """pi0_policy_node: a lifecycle node that runs a pi0 / pi0.5 policy on synchronized observations.
 
-Data path (one observation)::
+The node is lifecycle + subscriptions + publishers + worker plumbing around the pipeline core
+(``pi0_ros.pipeline.PolicyPipeline``), which the offline replay drives too::
 
-    cameras (Image / CompressedImage) + JointState      [subscription callbacks]
-      -> stamp checks (zero, future, out of order); cameras converted and prepared for the model
-      -> ApproximateTimeSynchronizer (sync.py)
-      -> JointState -> state vector, age check            [sync callback: no inference here]
-      -> worker.submit(obs): latest-only slot, newest wins      (engine/worker.py)
-      -> policy.infer(obs) on the inference thread
-      -> ActionChunk, JointTrajectory, planned JointState, MarkerArray   [result callback]
+    cameras (Image / CompressedImage) + JointState   [subscription callbacks]
+      -> pipeline.on_input: stamp gate, cameras converted + prepared on arrival, synchronizer
+      -> pipeline.assemble: silent / stale / state checks, rate cap, noise  -> worker.submit
+      -> pipeline.infer(obs) on the inference thread (latest-only slot, engine/worker.py)
+      -> pipeline.accept(chunk) -> ros/outputs.chunk_messages -> publish   [result callback]
 
 Lifecycle (ros2/demos ``lifecycle_py/talker.py``): parameters are declared in ``__init__``;
 ``on_configure`` maps them onto a frozen NodeConfig and starts the inference thread, which loads
 the policy and warms it up (a CUDA graph is captured by the thread that replays it), then creates
 the publishers and the input subscriptions (gated: inputs are dropped on arrival until
-``on_activate``); ``on_activate`` opens the gate with a fresh synchronizer; ``on_deactivate``
-closes it, gates publishing at once and makes the worker discard the pending and in-flight
-observations; ``on_cleanup`` stops the thread, whose
-teardown frees the model. A transition never lets an exception escape: it logs the reason and
-returns FAILURE. Every rejected input is logged (rate-limited per reason) and counted on
-/diagnostics. docs/NODE.md is the user's description.
+``on_activate``); ``on_activate`` opens the pipeline's gate with a fresh synchronizer;
+``on_deactivate`` closes it and makes the worker discard the pending and in-flight observations;
+``on_cleanup`` stops the thread, whose teardown frees the model. A transition never lets an
+exception escape: it logs the reason and returns FAILURE. docs/NODE.md is the user's description.
 """
 
 from __future__ import annotations
 
-import collections
+import functools
 import gc
-import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.lifecycle.node import LifecycleNodeMixin
+from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 from visualization_msgs.msg import MarkerArray
 
+from pi0_ros.paramcheck import live_change_refusal
+from pi0_ros.pipeline import WARN, Chunk, NodeConfig, PolicyPipeline, load_policy
+from pi0_ros.pipeline.config import (LIVE_PARAMETERS, check_prompt, printable,
+                                     undeclared, unknown_parameters_message)
 from pi0_ros.ros import conversions as conv
-from pi0_ros.ros import viz
-from pi0_ros.ros.params import NodeConfig, config_from_parameters, declare_parameters, get_param
+from pi0_ros.ros import outputs
+from pi0_ros.ros.params import PARAMETERS, config_from_parameters, declare_parameters, get_param
 from pi0_ros.ros.sync import make_synchronizer
 
+try:  # ros-std-srvs (bootstrap's ROS list); without it `enabled` is the parameter alone
+    from std_srvs.srv import SetBool
+except ImportError:  # pragma: no cover - depends on the install
+    SetBool = None
+
 NODE_NAME = "pi0_policy_node"
-LOG_PERIOD = 2.0  # s between two log lines of the same rejection reason
-STALE_HINT_AGE = 60.0  # s; older observations get a use_sim_time hint in the rejection
-WARMUP_IMAGE_SIZE = 224  # px, square black frames used to warm the policy up
+EXECUTOR_THREADS = 2  # side threads: a transition (configure: load, warm-up) and /diagnostics
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
 
@@ -57,44 +62,12 @@ PolicyFactory = Callable[[NodeConfig, Sequence[str]], Any]
 WorkerFactory = Callable[..., Any]
 
 
-@dataclass(frozen=True)
-class Observation:
-    """One synchronized, converted observation on its way to the worker."""
-
-    stamp_ns: int  # the JointState's header stamp: the chunk's time origin
-    images: dict[str, Any]  # model slot -> (H, W, 3) uint8 RGB or PreparedImage
-    state: np.ndarray  # (S,) float32 in joint_states.names order
-    prompt: str
-    received: float  # time.monotonic() when the set was complete
-    epoch: int  # activation epoch; results of an older epoch are discarded
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A camera message converted on arrival; what the synchronizer queues for a camera.
-
-    ``image`` is prepared for the model (``PreparedImage``: resized with pad, float32) when the
-    policy says its input size, so that only a copy is left on the observation's critical path
-    when the set completes; else the (H, W, 3) uint8 RGB array.
-    """
-
-    header: Any  # the message's header (message_filters reads header.stamp)
-    image: Any
-    shape: tuple[int, int]  # the camera's (H, W)
-
-
-@dataclass(frozen=True)
-class Result:
-    obs: Observation
-    actions: np.ndarray  # (H, D) float32 robot space
-    timing: dict
-
-
 class PolicyNode(LifecycleNode):
     """The policy lifecycle node. ``policy_factory`` / ``worker_factory`` are injectable for tests.
 
-    ``policy_factory(config, camera_slots)`` returns an object with ``infer(obs) -> {"actions":
-    (H, D)}``; ``camera_slots`` are the model slots of the configured cameras, in camera order.
+    ``policy_factory(config, camera_slots)`` returns a ``pi0_ros.pipeline.PolicyLike``
+    (default: ``pi0_ros.pipeline.load_policy``); ``camera_slots`` are the configured cameras'
+    slots ("" = the checkpoint's, in order).
     """
 
     def __init__(
@@ -105,79 +78,99 @@ class PolicyNode(LifecycleNode):
         worker_factory: WorkerFactory | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(node_name, **kwargs)
+        # LifecycleNode.__init__, with the lifecycle services in a group of their own: the
+        # node's executor (make_executor) runs that group and the /diagnostics timer's on side
+        # threads, so get_state, /diagnostics and the parameter services answer while a
+        # transition callback (configure: load + warm up) still runs.
+        Node.__init__(self, node_name, **kwargs)
+        self.side_groups = (ReentrantCallbackGroup(), ReentrantCallbackGroup())
+        LifecycleNodeMixin.__init__(self, enable_communication_interface=True,
+                                    callback_group=self.side_groups[0])
         declare_parameters(self)
-        self._policy_factory = policy_factory or default_policy_factory
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._policy_factory = policy_factory or load_policy
         self._worker_factory = worker_factory or default_worker_factory
         self.config: NodeConfig | None = None
-        self.policy: Any = None
-        self._slots: tuple[str, ...] = ()
-        self._image_size: int | None = None  # prepare cameras on arrival at this size
-        self._model_name = ""
+        self.pipeline: PolicyPipeline | None = None
         self._worker: Any = None
         self._subs: list[Any] = []
         self._pubs: dict[str, Any] = {}
         self._prompt_sub: Any = None
         self._watchdog: Any = None
-        self._sync: Any = None
-        self._prompt = ""
-        self._lock = threading.Lock()  # guards the fields below and publishing
-        self._active = False
-        self._epoch = 0
-        self._sequence = 0
-        self._last_set_stamp = -1
-        self._last_stamp: list[int] = []
-        self._last_receipt: list[float] = []
-        self._silent: set[int] = set()
-        self._topic_rates: list[viz.RateMeter] = []
-        self._last_submit = -float("inf")
-        self._counts: collections.Counter[str] = collections.Counter()
-        self._last_log: dict[str, float] = {}
-        self.last_rejection = ""
-        self._latency = viz.LatencyWindow()
-        self._input_rate = viz.RateMeter()
-        self._output_rate = viz.RateMeter()
-        self._mixed_sizes_logged = False
+        self._phase = ""  # configure progress for /diagnostics: loading, warming up
+        self.configure_error = ""  # why the last configure failed ("" after a success)
+        self._diag_group = self.side_groups[1]
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(1.0, self._publish_diagnostics,
+                                             callback_group=self._diag_group)
+        self._enable_srv = None
+        if SetBool is not None:
+            self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
+
+    @property
+    def policy(self) -> Any:
+        return self.pipeline.policy if self.pipeline is not None else None
 
     # --------------------------------------------------------------------------------------
     # lifecycle
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.configure_error = ""
+        unknown = undeclared(self._parameter_overrides)
+        if unknown:  # a typo in the parameter file or a -p must never fall back to a default
+            return self._configure_failed(
+                f"{unknown_parameters_message(unknown, PARAMETERS)} in the parameters of "
+                f"{self.get_fully_qualified_name()} (`ros2 param list` shows the declared ones)")
         try:
             config = config_from_parameters(lambda name: get_param(self, name))
         except ValueError as exc:
-            self.get_logger().error(f"configure failed: invalid parameter: {exc}")
-            return FAILURE
+            return self._configure_failed(f"invalid parameter: {exc}")
         try:
             self._configure(config)
         except Exception as exc:  # a transition never lets an exception escape
-            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            result = self._configure_failed(f"{type(exc).__name__}: {exc}")
             try:
                 self._release()
             except Exception as cleanup_exc:
                 self.get_logger().error(f"releasing after the failed configure: {cleanup_exc}")
-            return FAILURE
+            return result
+        pipe = self.pipeline
         self.get_logger().info(
-            f"configured: {self._model_name} on {len(config.cameras)} camera(s) "
-            f"{[c.topic for c in config.cameras]} -> slots {list(self._slots)}, "
+            f"configured: {pipe.policy.model_name} on {len(config.cameras)} camera(s) "
+            f"{[c.topic for c in config.cameras]} -> slots {list(pipe.slots)}, "
             f"{len(config.action_joint_names)} action dims, dt {config.action_dt} s"
         )
         return SUCCESS
 
+    def _configure_failed(self, reason: str) -> TransitionCallbackReturn:
+        self.configure_error = printable(reason, 2000)
+        self.get_logger().error(f"configure failed: {self.configure_error}")
+        return FAILURE
+
     def _configure(self, config: NodeConfig) -> None:
         chunk_type = _action_chunk_type()  # fails fast when pi0_ros_msgs is not built
         self.config = config
+        self.pipeline = PolicyPipeline(
+            config,
+            clock=lambda: self.get_clock().now().nanoseconds,
+            image_of=functools.partial(conv.to_rgb, max_pixels=config.max_image_pixels),
+            state_of=functools.partial(conv.joint_state_to_vector,
+                                       max_abs=config.max_abs_state),
+            make_sync=make_synchronizer,
+            sink=self._submit,
+            logger=self.get_logger(),
+        )
         # The worker thread owns the model from here to cleanup: setup (load, warm up, capture)
         # runs ON it, because a CUDA-graph backend must be replayed by the thread that captured
         # it. start() re-raises a setup failure and leaves no thread behind.
+        pipelined = config.model.pipeline
         self._worker = self._worker_factory(
-            self._infer,
+            self.pipeline.pipelined() if pipelined else self.pipeline.infer,
             self._on_result,
             self._on_error,
             setup=lambda: self._load(config),
             teardown=self._unload,
+            **({"pipeline": True} if pipelined else {}),
         )
         try:
             self._worker.start()
@@ -185,67 +178,51 @@ class PolicyNode(LifecycleNode):
             self._worker = None
             raise (exc.__cause__ or exc) from None
         depth = config.output_depth
-        self._pubs = {
-            "chunk": self.create_lifecycle_publisher(chunk_type, "~/action_chunk", depth),
-            "trajectory": self.create_lifecycle_publisher(JointTrajectory, "~/trajectory", depth),
-            "planned": self.create_lifecycle_publisher(
-                JointState, "~/planned_joint_states", depth
-            ),
-            "markers": self.create_lifecycle_publisher(MarkerArray, "~/markers", depth),
-        }
-        self._prompt = config.prompt
+        types = {"chunk": chunk_type, "trajectory": JointTrajectory, "planned": JointState,
+                 "markers": MarkerArray}
+        self._pubs = {key: self.create_lifecycle_publisher(types[key], topic, depth)
+                      for key, topic in outputs.OUTPUT_TOPICS.items()}
         self._prompt_sub = self.create_subscription(String, "~/prompt", self._on_prompt, 10)
         self._create_inputs(config)
         self.destroy_timer(self._diag_timer)
-        self._diag_timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics)
+        self._diag_timer = self.create_timer(config.diagnostics_period, self._publish_diagnostics,
+                                             callback_group=self._diag_group)
 
     def _load(self, config: NodeConfig) -> None:
-        """Worker thread: build the policy, resolve camera slots, warm up."""
-        slots = tuple(c.slot for c in config.cameras)
-        self.policy = self._policy_factory(config, slots)
-        if not all(slots):  # unset slots: the checkpoint's slots in order
-            model_slots = _model_slots(self.policy)
-            if len(model_slots) < len(slots):
-                raise ValueError(
-                    f"{len(slots)} cameras configured but the checkpoint has only "
-                    f"{len(model_slots)} camera slots {list(model_slots)}"
-                )
-            slots = tuple(s or model_slots[i] for i, s in enumerate(slots))
-        self._slots = slots
-        self._model_name = str(getattr(self.policy, "model_name", "")) or _model_name(config)
-        self._image_size = _model_image_size(self.policy)
-        self._warm_up(config)
+        """Worker thread: build the policy, resolve camera slots, warm up (progress on
+        /diagnostics, published meanwhile by another executor thread)."""
+        self._set_phase("loading the policy")
+        try:
+            policy = self._policy_factory(config, tuple(c.slot for c in config.cameras))
+            self._set_phase("warming up")
+            try:
+                self.pipeline.bind(policy)
+            except BaseException:
+                policy.close()
+                raise
+        finally:
+            self._phase = ""
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        self.get_logger().info(f"configure: {phase}")
+        self._publish_diagnostics()
 
     def _unload(self) -> None:
         """Worker thread (teardown): drop the policy and give its GPU memory back."""
-        policy, self.policy = self.policy, None
-        close = getattr(policy, "close", None)
-        if callable(close):
-            close()
+        pipe = self.pipeline
+        policy = pipe.policy if pipe is not None else None
+        if pipe is not None:
+            pipe.policy = None
+        if policy is not None:
+            policy.close()
         del policy
         gc.collect()
         _empty_cuda_cache()
 
-    def _warm_up(self, config: NodeConfig) -> None:
-        """Run the policy on black frames; checks the output shape against the parameters."""
-        images = {
-            slot: np.zeros((WARMUP_IMAGE_SIZE, WARMUP_IMAGE_SIZE, 3), np.uint8)
-            for slot in self._slots
-        }
-        state = np.zeros(len(config.state_joint_names), np.float32)
-        for _ in range(max(config.model.warmup, 1)):  # at least one: it checks the shapes
-            out = self.policy.infer(policy_observation(images, state, config.prompt))
-        actions = np.asarray(out["actions"])
-        dims = len(config.action_joint_names)
-        if actions.ndim != 2 or actions.shape[1] != dims or not np.all(np.isfinite(actions)):
-            raise ValueError(
-                f"policy outputs actions of shape {list(actions.shape)} but actions.joint_names "
-                f"has {dims} names (checkpoint and parameters do not match)"
-            )
-
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self._activate()
+            self.pipeline.start()
         except Exception as exc:
             self.get_logger().error(f"activate failed: {type(exc).__name__}: {exc}")
             self._deactivate()
@@ -253,28 +230,10 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info("active: inputs accepted, inference running")
         return super().on_activate(state)
 
-    def _activate(self) -> None:
-        config = self.config
-        assert config is not None and self._worker is not None
-        n = len(config.cameras) + 1
-        sync = make_synchronizer(n, config.sync_queue_size, config.sync_slop)
-        sync.register_callback(self._on_synchronized)
-        now = time.monotonic()
-        with self._lock:
-            self._sync = sync
-            self._epoch += 1
-            self._last_stamp = [-1] * n
-            self._last_receipt = [now] * n
-            self._topic_rates = [viz.RateMeter() for _ in range(n)]
-            self._silent = set()
-            self._last_set_stamp = -1
-            self._last_submit = -float("inf")
-            self._active = True
-
     def _create_inputs(self, config: NodeConfig) -> None:
         """Input subscriptions and the silence watchdog, created once per configure.
 
-        They live until cleanup and are gated by ``_active`` (inputs are dropped on arrival
+        They live until cleanup and are gated by the pipeline (inputs are dropped on arrival
         while inactive), like lifecycle publishers. Keeping them matched across
         deactivate/activate means no rediscovery on activate and no entity destruction in the
         frequent transitions: rclpy's MultiThreadedExecutor can raise InvalidHandle while
@@ -310,10 +269,8 @@ class PolicyNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def _deactivate(self) -> None:
-        with self._lock:  # after this no result is published (see _on_result)
-            self._active = False
-            self._epoch += 1
-            self._sync = None
+        if self.pipeline is not None:
+            self.pipeline.stop()  # after this no result is published (see _on_result)
         if self._worker is not None:
             # The pending observation is dropped and the in-flight result is never delivered;
             # the model stays loaded on its thread for the next activate.
@@ -327,15 +284,18 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info("cleaned up: model released")
         return SUCCESS
 
-    def _release(self) -> None:
-        """Stop the worker (its teardown frees the model on its thread) and the publishers."""
+    def _release(self, timeout: float | None = 30.0) -> bool:
+        """Stop the worker (its teardown frees the model on its thread) and the publishers;
+        False when the inference thread did not stop within ``timeout`` s (it is a daemon)."""
         worker, self._worker = self._worker, None
+        stopped = True
         if worker is not None:
             try:
-                worker.stop()
+                worker.stop(timeout)
             except Exception as exc:  # TimeoutError: an inference is stuck; the thread is a daemon
+                stopped = False
                 self.get_logger().error(f"stopping the inference thread: {exc}")
-        if self.policy is not None:  # setup failed after the policy was built
+        if stopped and self.policy is not None:  # setup failed after the policy was built
             self._unload()
         for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
@@ -350,6 +310,7 @@ class PolicyNode(LifecycleNode):
             self.destroy_timer(self._watchdog)
             self._watchdog = None
         self.config = None
+        return stopped
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
@@ -370,10 +331,11 @@ class PolicyNode(LifecycleNode):
     def lifecycle_state(self) -> str:
         return self._state_machine.current_state[1]
 
-    def stop(self) -> None:
-        """Stop the worker and free the model whatever the state (used by main on exit)."""
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Stop the worker and free the model whatever the state (used by main on exit, which
+        gives it a short ``timeout``); False when the inference thread is still busy."""
         self._deactivate()
-        self._release()
+        return self._release(timeout)
 
     def destroy_node(self) -> None:
         """Also stops the inference thread: a destroyed node leaves no thread or model behind."""
@@ -387,216 +349,110 @@ class PolicyNode(LifecycleNode):
     # inputs
 
     def _on_prompt(self, msg: String) -> None:
-        if not msg.data.strip():
-            self._reject(
-                "empty_prompt", f"ignored empty prompt on ~/prompt; keeping '{self._prompt}'"
-            )
-            return
-        self._prompt = msg.data
-        self.get_logger().info(f"prompt set to '{msg.data}'")
+        pipe = self.pipeline
+        if pipe is not None and pipe.set_prompt(msg.data):
+            self.get_logger().info(f"prompt set to '{printable(msg.data)}'")
+
+    # --------------------------------------------------------------------------------------
+    # live control: `ros2 param set` and ~/enable
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Accept a change of a LIVE_PARAMETERS entry (applied at once); refuse any other
+        while configured (it is read at configure only), with the reason."""
+        configured = self.config is not None  # set from configure to cleanup
+        refusal = live_change_refusal(params, LIVE_PARAMETERS, configured, self._check_live)
+        if refusal is not None:
+            return SetParametersResult(successful=False, reason=refusal)
+        if configured:
+            for p in params:
+                if p.name in LIVE_PARAMETERS:
+                    self._apply_live(p)
+        return SetParametersResult(successful=True)
+
+    def _check_live(self, p: Parameter) -> None:
+        value = p.value
+        if p.name == "prompt":
+            limit = self.config.max_prompt_length if self.config else PARAMETERS[
+                "max_prompt_length"][0]
+            check_prompt(str(value), limit)
+            if self.pipeline is not None:
+                self.pipeline.check_prompt_tokens(str(value))
+        elif p.name == "max_rate" and not (isinstance(value, (int, float)) and value >= 0.0):
+            raise ValueError(f"max_rate must be a number >= 0 (0 = unlimited), got {value!r}")
+        elif p.name == "enabled" and not isinstance(value, bool):
+            raise ValueError(f"enabled must be a bool, got {value!r}")
+
+    def _apply_live(self, p: Parameter) -> None:
+        pipe = self.pipeline
+        if p.name == "prompt" and pipe.set_prompt(str(p.value)):
+            self.get_logger().info(f"prompt set to '{printable(str(p.value))}'")
+        elif p.name == "max_rate":
+            pipe.set_max_rate(float(p.value))
+            self.get_logger().info(f"max_rate set to {float(p.value)} Hz")
+        elif p.name == "enabled":
+            self.set_enabled(bool(p.value))
+
+    def set_enabled(self, enabled: bool) -> None:
+        pipe = self.pipeline
+        if pipe is not None:
+            pipe.set_enabled(enabled)
+            if not enabled and self._worker is not None:
+                self._worker.discard_pending()  # nothing submitted before the pause publishes
+        self.get_logger().info("inference enabled" if enabled else
+                               "inference paused (enabled=false): no chunks until enabled")
+
+    def _on_enable(self, request: Any, response: Any) -> Any:
+        """std_srvs/SetBool ~/enable: the ``enabled`` parameter, so both views agree."""
+        result = self.set_parameters([Parameter("enabled", value=bool(request.data))])[0]
+        response.success = result.successful
+        response.message = ("enabled" if request.data else "paused") if result.successful \
+            else result.reason
+        return response
 
     def _on_input(self, index: int, msg: Any) -> None:
-        """Subscription callback: stamp checks, then the synchronizer. Nothing heavy here."""
-        config, sync = self.config, self._sync
-        if config is None or sync is None or not self._active:
-            return
-        topic = self._topic(index)
-        stamp = conv.stamp_to_ns(msg.header.stamp)
-        if stamp == 0:
-            self._reject("zero_stamp", f"{topic}: message with a zero stamp")
-            return
-        now_ns = self.get_clock().now().nanoseconds
-        skew = stamp - now_ns
-        if skew > config.max_clock_skew * 1e9:
-            self._reject(
-                "future_stamp",
-                f"{topic}: stamp {skew / 1e9:.3f} s in the future (max_clock_skew "
-                f"{config.max_clock_skew} s)",
-            )
-            return
-        with self._lock:
-            last = self._last_stamp[index]
-            out_of_order = stamp <= last
-            back = not out_of_order and index in self._silent
-            if not out_of_order:
-                self._last_stamp[index] = stamp
-                self._last_receipt[index] = time.monotonic()
-                self._topic_rates[index].tick(self._last_receipt[index])
-                self._silent.discard(index)
-        if back:
-            self.get_logger().info(f"{topic} is back: inference resumes")
-        if out_of_order:
-            self._reject(
-                "stamp_out_of_order",
-                f"{topic}: stamp {stamp / 1e9:.6f} not newer than the previous {last / 1e9:.6f}",
-            )
-            return
-        if index < len(config.cameras):
-            msg = self._frame(msg, topic)
-            if msg is None:
-                return
-        sync.add(index, stamp, msg)
+        """Subscription callback: the pipeline's gate, conversion and synchronizer."""
+        pipe = self.pipeline
+        if pipe is not None:
+            pipe.on_input(index, conv.stamp_to_ns(msg.header.stamp), msg)
 
-    def _frame(self, msg: Any, topic: str) -> Frame | None:
-        """Camera message -> Frame (converted, and prepared for the model when possible)."""
-        try:
-            rgb = _convert_image(msg, topic)
-            image = rgb
-            if self._image_size is not None:
-                image = _prepare(rgb, self._image_size, topic)
-        except conv.ConversionError as exc:
-            self._reject(exc.reason, str(exc))
-            return None
-        return Frame(msg.header, image, rgb.shape[:2])
-
-    def _on_synchronized(self, *msgs: Any) -> None:
-        """Sync callback: convert, stamp, hand to the worker's latest-only slot."""
-        config = self.config
-        if config is None or not self._active:
-            return
-        received = time.monotonic()
-        joint_msg = msgs[-1]
-        stamp = conv.stamp_to_ns(joint_msg.header.stamp)
-        with self._lock:
-            if stamp <= self._last_set_stamp:
-                stale_set = True
-            else:
-                stale_set = False
-                self._last_set_stamp = stamp
-            epoch = self._epoch
-        if stale_set:
-            self._reject("stamp_out_of_order", "synchronized set not newer than the last one")
-            return
-        age = (self.get_clock().now().nanoseconds - stamp) / 1e9
-        if age > config.max_input_age:
-            hint = ""
-            if age > STALE_HINT_AGE:
-                hint = (" (stamps far in the past: a recorded bag? run the node with "
-                        "use_sim_time:=true and play the bag with /clock)")
-            self._reject(
-                "stale_input",
-                f"observation is {age:.3f} s old > max_input_age {config.max_input_age} s{hint}",
-            )
-            return
-        frames: tuple[Frame, ...] = msgs[:-1]
-        try:
-            state = conv.joint_state_to_vector(joint_msg, config.state_joint_names)
-        except conv.ConversionError as exc:
-            self._reject(exc.reason, str(exc))
-            return
-        images = {self._slots[i]: frame.image for i, frame in enumerate(frames)}
-        self._note_sizes({self._slots[i]: frame.shape for i, frame in enumerate(frames)})
-        self._input_rate.tick(received)
-        if config.min_period and received - self._last_submit < config.min_period:
-            self._count("rate_limited")
-            return
-        self._last_submit = received
-        obs = Observation(stamp, images, state, self._prompt, received, epoch)
+    def _submit(self, obs: Any) -> None:
+        """Pipeline sink (sync callback): hand the observation to the latest-only slot."""
         worker = self._worker
         if worker is not None and worker.submit(obs):
-            self._count("dropped_observations")
-
-    def _note_sizes(self, sizes: dict[str, tuple[int, int]]) -> None:
-        if len(set(sizes.values())) > 1:
-            self._count("mixed_camera_sizes")
-            if not self._mixed_sizes_logged:
-                self._mixed_sizes_logged = True
-                self.get_logger().info(
-                    f"cameras have different sizes {sizes}; each is resized with padding to the "
-                    "model's square input independently"
-                )
+            self.pipeline.count("dropped_observations")
 
     def _check_silence(self) -> None:
-        """Watchdog timer: an input silent for longer than max_input_age pauses inference."""
-        config = self.config
-        if config is None or not self._active:
-            return
-        now = time.monotonic()
-        with self._lock:  # recovery is noticed by _on_input as soon as a message arrives
-            ages = [now - t for t in self._last_receipt]
-            newly = [
-                i for i, age in enumerate(ages)
-                if age > config.max_input_age and i not in self._silent
-            ]  # fmt: skip
-            self._silent.update(newly)
-        for i in newly:
-            self._count("input_silent_events")
-            self.get_logger().warning(
-                f"{self._topic(i)} silent for {ages[i]:.2f} s > max_input_age "
-                f"{config.max_input_age} s: inference paused"
-            )
+        if self.pipeline is not None:
+            self.pipeline.check_silence()
 
     # --------------------------------------------------------------------------------------
     # the worker side (GPU thread) and outputs
 
-    def _infer(self, obs: Observation) -> Result:
-        """Runs on the worker thread."""
-        policy = self.policy
-        if policy is None:
-            raise RuntimeError("no policy loaded")
-        out = policy.infer(policy_observation(obs.images, obs.state, obs.prompt))
-        actions = np.asarray(out["actions"], dtype=np.float32)
-        return Result(obs, actions, dict(out.get("policy_timing", {})))
-
     def _on_result(self, delivered: Any) -> None:
-        """Worker thread, under the worker's delivery lock: validate, build, publish."""
-        result: Result = delivered.result
-        config, obs, actions = self.config, result.obs, result.actions
-        if config is None:
+        """Worker thread, under the worker's delivery lock: check, build, publish."""
+        pipe, config = self.pipeline, self.config
+        if pipe is None or config is None:
             return
-        names = config.action_joint_names
-        if actions.ndim != 2 or actions.shape[0] == 0 or actions.shape[1] != len(names):
-            self._reject("bad_output", f"policy returned actions of shape {list(actions.shape)}")
+        chunk: Chunk | None = pipe.accept(delivered.result)
+        if chunk is None:
             return
-        if not np.all(np.isfinite(actions)):
-            self._reject("nonfinite_output", "policy returned NaN/Inf actions; chunk dropped")
-            return
-        now = time.monotonic()
-        now_ns = self.get_clock().now().nanoseconds
-        latency = now - obs.received
-        chunk = conv.chunk_to_msg(
-            actions,
-            stamp_ns=obs.stamp_ns,
-            dt=config.action_dt,
-            joint_names=names,
-            inference_latency=latency,
-            model_name=self._model_name,
-        )
-        trajectory = conv.chunk_to_trajectory(
-            actions, stamp_ns=obs.stamp_ns, dt=config.action_dt, joint_names=names
-        )
-        planned = viz.planned_joint_state(actions, names, config.viz.lookahead, stamp_ns=now_ns)
-        with self._lock:  # a deactivate that returned before this point wins
-            if not self._active or obs.epoch != self._epoch or not self._pubs:
-                self._counts["discarded_results"] += 1
+        msgs = outputs.chunk_messages(config, chunk, now_ns=self.get_clock().now().nanoseconds,
+                                      model_name=pipe.policy.model_name,
+                                      rate_hz=pipe.output_rate_hz())
+        with pipe.lock:  # a deactivate that returned before this point wins
+            if not pipe.is_current(chunk) or not self._pubs:
+                pipe.count("discarded_results")
                 return
-            self._sequence += 1
-            chunk.sequence = self._sequence
-            if not self._publish(("chunk", chunk), ("trajectory", trajectory),
-                                 ("planned", planned)):
-                return
-        self._latency.add(latency)
-        self._output_rate.tick(now)
-        text = viz.status_text(latency, self._output_rate.rate(now), chunk.sequence)
-        markers = viz.chunk_markers(
-            actions,
-            path_indices=config.viz.path_indices,
-            frame_id=config.viz.frame_id,
-            stamp_ns=now_ns,
-            text=text,
-        )
-        with self._lock:
-            if self._active and self._pubs:
-                self._publish(("markers", markers))
+            self._publish(*msgs.items())
 
-    def _publish(self, *outputs: tuple[str, Any]) -> bool:
+    def _publish(self, *items: tuple[str, Any]) -> bool:
         """Publish (key, message) pairs; False, quietly, when the process is shutting down.
 
         SIGINT / SIGTERM shut the context down at once (rclpy's signal handler), before main()
         stops the inference thread: a result finished in that window must not end in a
         traceback. Any other publishing error propagates (counted as publish_error)."""
         try:
-            for key, msg in outputs:
+            for key, msg in items:
                 self._pubs[key].publish(msg)
         except Exception:
             if self.context.ok():
@@ -607,65 +463,32 @@ class PolicyNode(LifecycleNode):
     def _on_error(self, exc: BaseException, info: Any = None) -> None:
         """Worker thread: the policy (or publishing) raised; the worker keeps serving."""
         where = getattr(info, "where", "infer")
-        if where == "setup":
+        if where == "setup" or self.pipeline is None:
             return  # start() re-raises it: on_configure logs the reason and fails
         reason = {"infer": "inference_error", "on_result": "publish_error"}.get(where, where)
-        self._reject(reason, f"{where} failed: {type(exc).__name__}: {exc}")
+        self.pipeline.reject(reason, f"{where} failed: {type(exc).__name__}: {exc}")
 
     # --------------------------------------------------------------------------------------
-    # bookkeeping and diagnostics
-
-    def _topic(self, index: int) -> str:
-        config = self.config
-        if config is None:
-            return f"input {index}"
-        if index < len(config.cameras):
-            return config.cameras[index].topic
-        return config.joint_states_topic
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
-
-    def _reject(self, reason: str, text: str) -> None:
-        """Count a rejected input or output under ``reason`` and log it (rate-limited)."""
-        now = time.monotonic()
-        with self._lock:
-            self._counts[f"rejected.{reason}"] += 1
-            self.last_rejection = f"{reason}: {text}"
-            last = self._last_log.get(reason, -float("inf"))
-            log = now - last >= LOG_PERIOD
-            if log:
-                self._last_log[reason] = now
-        if log:
-            self.get_logger().warning(f"rejected ({reason}): {text}")
+    # diagnostics
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        return self.pipeline.counts() if self.pipeline is not None else {}
 
-    def diagnostics(self) -> tuple[bytes, str, dict[str, object]]:
-        """(level, message, values) of the node's DiagnosticStatus."""
-        now = time.monotonic()
+    @property
+    def last_rejection(self) -> str:
+        return self.pipeline.last_rejection if self.pipeline is not None else ""
+
+    def diagnostics(self) -> tuple[int, str, dict[str, object]]:
+        """(level, message, values) of the node's DiagnosticStatus (pipeline level codes)."""
         state = self.lifecycle_state()
-        with self._lock:
-            counts = dict(self._counts)
-            silent = [self._topic(i) for i in sorted(self._silent)]
-            seq = self._sequence
-            active = self._active
-        values: dict[str, object] = {"lifecycle_state": state, "chunks_published": seq}
-        lat = self._latency.summary()
-        if lat is not None:
-            values.update(
-                latency_p50_ms=lat[0] * 1e3,
-                latency_p95_ms=lat[1] * 1e3,
-                latency_max_ms=lat[2] * 1e3,
-            )
-        values["input_rate_hz"] = self._input_rate.rate(now)  # synchronized sets
-        for i, meter in enumerate(self._topic_rates):
-            values[f"input_rate_hz.{self._topic(i)}"] = meter.rate(now)
-        values["output_rate_hz"] = self._output_rate.rate(now)
-        values["dropped_observations"] = counts.get("dropped_observations", 0)
+        phase = self._phase
+        if self.pipeline is None:
+            return 0, state, {"lifecycle_state": state, "chunks_published": 0}
+        if phase:  # configuring: loading, warming up
+            return 0, f"{state}: {phase}", {"lifecycle_state": state, "phase": phase,
+                                            "chunks_published": 0}
+        level, message, values = self.pipeline.diagnostics(state)
+        values.setdefault("dropped_observations", 0)
         worker = self._worker
         if worker is not None:
             stats = worker.stats
@@ -674,72 +497,29 @@ class PolicyNode(LifecycleNode):
             run_ms = stats.get("mean_ms", {}).get("run")
             if run_ms is not None:
                 values["worker_mean_run_ms"] = float(run_ms)
-        values.update({k: v for k, v in sorted(counts.items()) if k != "dropped_observations"})
         values["gpu_memory_mb"] = _gpu_memory_mb()
-        values["last_rejection"] = self.last_rejection
-        if silent:
-            return DiagnosticStatus.ERROR, f"inference paused: silent input(s) {silent}", values
-        if active and counts.get("rejected.inference_error", 0):
-            return DiagnosticStatus.WARN, "inference errors occurred", values
-        return DiagnosticStatus.OK, state, values
+        policy = self.policy
+        if policy is not None:
+            status = policy.status()
+            values.update({f"policy.{k}": v for k, v in status.items()})
+            if not status.get("connected", True) and level < WARN:
+                level, message = WARN, f"policy link {status.get('state')}: " \
+                                       f"{status.get('last_error', '')}"
+        return level, message, values
 
     def _publish_diagnostics(self) -> None:
         if not self.context.ok():  # shutting down (SIGINT / SIGTERM)
             return
         level, message, values = self.diagnostics()
-        self._diag_pub.publish(
-            viz.diagnostics_message(
-                name=f"{self.get_name()}: policy",
-                hardware_id=self._model_name or "pi0",
-                level=level,
-                message=message,
-                values=values,
-                stamp_ns=self.get_clock().now().nanoseconds,
-            )
-        )
+        policy = self.policy
+        self._diag_pub.publish(outputs.diagnostics(
+            f"{self.get_fully_qualified_name().lstrip('/')}: policy",  # namespaced nodes differ
+            policy.model_name if policy else "pi0", level,
+            message, values, self.get_clock().now().nanoseconds))
 
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def policy_observation(images: dict[str, np.ndarray], state: np.ndarray, prompt: str) -> dict:
-    """The dict handed to ``Policy.infer``: images keyed by model slot, state, prompt."""
-    return {**images, "state": state, "prompt": prompt}
-
-
-def _convert_image(msg: Any, topic: str) -> np.ndarray:
-    try:
-        return conv.to_rgb(msg)
-    except conv.ConversionError as exc:
-        raise conv.ConversionError(exc.reason, f"{topic}: {exc}") from exc
-
-
-def _prepare(rgb: np.ndarray, size: int, topic: str) -> Any:
-    from pi0_ros.processing import PreparedImage
-
-    try:
-        return PreparedImage.from_uint8(rgb, size, topic)
-    except ValueError as exc:  # e.g. an aspect ratio too extreme to resize with pad
-        raise conv.ConversionError("image_geometry", f"{topic}: {exc}") from exc
-
-
-def _model_image_size(policy: Any) -> int | None:
-    """The policy's square input size when it accepts prepared images (pi0_ros.policy.Policy)."""
-    size = getattr(getattr(policy, "settings", None), "image_size", None)
-    if size is None:
-        return None
-    try:
-        from pi0_ros.processing import PreparedImage  # noqa: F401
-    except ImportError:
-        return None
-    return int(size)
-
-
-def _model_name(config: NodeConfig) -> str:
-    import os
-
-    return os.path.basename(os.path.normpath(config.model.checkpoint))
 
 
 def _action_chunk_type() -> Any:
@@ -748,48 +528,14 @@ def _action_chunk_type() -> Any:
     return ActionChunk
 
 
-def _resolve_model(config: NodeConfig) -> tuple[str, str, str]:
-    device, dtype, backend = config.model.device, config.model.dtype, config.model.backend
-    if device == "auto":
-        import torch
+def make_executor(node: PolicyNode, context: Any = None) -> Any:
+    """The policy node's executor: single-threaded for the data path, with the lifecycle
+    services and the /diagnostics timer on side threads, so get_state, /diagnostics (progress:
+    loading, warming up), the parameter services and ~/enable keep answering while a
+    transition runs (configure loads and warms the model up)."""
+    from pi0_ros.ros.runner import SideThreadExecutor
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = device.startswith("cuda")
-    if dtype == "auto":
-        dtype = "bfloat16" if on_cuda else "float32"
-    if backend == "auto":
-        backend = "cuda_graph" if on_cuda else "eager"
-    return device, dtype, backend
-
-
-def default_policy_factory(config: NodeConfig, camera_slots: Sequence[str]) -> Any:
-    """Load ``pi0_ros.policy.Policy`` from the checkpoint named by the parameters.
-
-    Observations are keyed by model slot (``input_keys="slots"``: slot names, "state",
-    "prompt"); slots no configured camera feeds are black with mask False.
-    """
-    from pi0_ros.policy import Policy
-
-    device, dtype, backend = _resolve_model(config)
-    model = config.model
-    return Policy(
-        model.checkpoint,
-        device=device,
-        dtype=dtype,
-        backend=backend,
-        num_steps=model.num_steps,
-        norm_stats=model.norm_stats or None,
-        tokenizer=model.tokenizer or None,
-        cameras={s: s for s in camera_slots} if all(camera_slots) else None,
-        input_keys="slots",
-    )
-
-
-def _model_slots(policy: Any) -> tuple[str, ...]:
-    slots = getattr(policy, "camera_slots", None)
-    if slots is None:
-        slots = getattr(getattr(policy, "cameras", None), "slots", ())
-    return tuple(slots)
+    return SideThreadExecutor(node.side_groups, EXECUTOR_THREADS, context=context)
 
 
 def default_worker_factory(
@@ -824,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     (``ros.runner``: --autostart, clean exit on SIGINT / SIGTERM from any state)."""
     from pi0_ros.ros.runner import run_lifecycle_node
 
-    return run_lifecycle_node(PolicyNode, NODE_NAME, "pi0 / pi0.5 policy node", argv)
+    return run_lifecycle_node(PolicyNode, NODE_NAME, "pi0 / pi0.5 policy node", argv,
+                              make_executor=make_executor)
 
 
 if __name__ == "__main__":

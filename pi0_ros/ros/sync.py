@@ -170,6 +170,50 @@ class MessageFiltersSynchronizer:
         return self._emitted != before
 
 
+class KeyedSynchronizer:
+    """Emits exactly the sets named by ``keys`` (one stamp per input, in input order), each as
+    soon as its last message has arrived; every other message is dropped (``dropped``).
+
+    The offline replay uses it to re-run the observations a live run answered (ActionChunk
+    ``input_stamps``): which set the approximate-time policy forms depends on the order messages
+    arrive in, which DDS does not keep across topics, so a live run is reproduced from its sets.
+    """
+
+    def __init__(self, num_inputs: int, keys: Sequence[Sequence[int]],
+                 callback: SyncCallback | None = None) -> None:
+        self._keys = {tuple(int(s) for s in k) for k in keys}
+        if any(len(k) != num_inputs for k in self._keys):
+            raise ValueError(f"every key needs {num_inputs} stamps (one per input)")
+        self._wanted = [{k[i] for k in self._keys} for i in range(num_inputs)]
+        self._held: list[dict[int, Any]] = [{} for _ in range(num_inputs)]
+        self._callbacks: list[SyncCallback] = [callback] if callback is not None else []
+        self.dropped = 0
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self._held)
+
+    def register_callback(self, callback: SyncCallback) -> None:
+        self._callbacks.append(callback)
+
+    def queue_lengths(self) -> list[int]:
+        return [len(q) for q in self._held]
+
+    def add(self, index: int, stamp_ns: int, msg: Any) -> bool:
+        if stamp_ns not in self._wanted[index]:
+            self.dropped += 1
+            return False
+        self._held[index][stamp_ns] = msg
+        done = sorted(k for k in self._keys
+                      if k[index] == stamp_ns and all(s in h for s, h in zip(k, self._held)))
+        for key in done:
+            self._keys.discard(key)
+            msgs = [h[s] for s, h in zip(key, self._held)]
+            for callback in self._callbacks:
+                callback(*msgs)
+        return bool(done)
+
+
 def make_synchronizer(
     num_inputs: int,
     queue_size: int,
@@ -189,8 +233,3 @@ def make_synchronizer(
                 message_filters, num_inputs, queue_size, slop, callback
             )
     return ApproximateTimeSynchronizer(num_inputs, queue_size, slop, callback)
-
-
-def stamps_spread_ns(stamps: Sequence[int]) -> int:
-    """max - min of a set of stamps (0 for one input)."""
-    return max(stamps) - min(stamps) if stamps else 0

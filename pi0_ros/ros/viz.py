@@ -6,8 +6,6 @@ diagnostics report (a latency window and a rate meter); the node owns when they 
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -16,6 +14,7 @@ from geometry_msgs.msg import Point
 from sensor_msgs.msg import JointState
 from visualization_msgs.msg import Marker, MarkerArray
 
+from pi0_ros.stats import LatencyWindow, RateMeter  # noqa: F401  (re-exported)
 from pi0_ros.ros.conversions import ns_to_stamp
 
 PATH_NS = "pi0_path"
@@ -77,71 +76,6 @@ def chunk_markers(
     label.text = text
     markers.append(label)
     return MarkerArray(markers=markers)
-
-
-class LatencyWindow:
-    """The last ``size`` latencies (seconds); p50 / p95 / max over them. Thread-safe."""
-
-    def __init__(self, size: int = 200) -> None:
-        self._values: deque[float] = deque(maxlen=size)
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self._values.append(float(seconds))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._values.clear()
-
-    def summary(self) -> tuple[float, float, float] | None:
-        """(p50, p95, max) in seconds, or None before the first value."""
-        with self._lock:
-            if not self._values:
-                return None
-            values = np.fromiter(self._values, dtype=np.float64)
-        p50, p95 = np.percentile(values, [50, 95])
-        return float(p50), float(p95), float(values.max())
-
-
-class RateMeter:
-    """Events per second over the last ``window`` seconds of a monotonic clock. Thread-safe.
-
-    Before a full window has passed since the first tick (or ``clear``), the rate is taken over
-    the time elapsed since then, so it is neither zero nor inflated while starting.
-    """
-
-    def __init__(self, window: float = 5.0) -> None:
-        self.window = window
-        self._times: deque[float] = deque()
-        self._start: float | None = None
-        self._lock = threading.Lock()
-
-    def tick(self, now: float) -> None:
-        with self._lock:
-            if self._start is None:
-                self._start = now
-            self._times.append(now)
-            self._trim(now)
-
-    def rate(self, now: float) -> float:
-        with self._lock:
-            self._trim(now)
-            if self._start is None or not self._times:
-                return 0.0
-            span = min(self.window, now - self._start)
-            if span <= 0.0:
-                return 0.0
-            return len(self._times) / span
-
-    def clear(self) -> None:
-        with self._lock:
-            self._times.clear()
-            self._start = None
-
-    def _trim(self, now: float) -> None:
-        while self._times and self._times[0] < now - self.window:
-            self._times.popleft()
 
 
 def diagnostics_message(

@@ -30,8 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from pi0_ros.stats import percentiles
+from pi0_ros.tools.checkpoint_args import (add_checkpoint_options, load_for_cli,
+                                           preset_or_geometry_file, resolve_geometry)
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +56,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pi0-ros-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--geometry", choices=GEOMETRIES, default="tiny",
-                     help="random weights: tiny (pi0.5 test geometry), tiny-pi0, pi0, pi05")
-    src.add_argument("--checkpoint", type=Path, help="openpi / LeRobot checkpoint directory")
+    p.add_argument("--geometry", type=preset_or_geometry_file(GEOMETRIES), default=None,
+                   metavar="{" + ",".join(GEOMETRIES) + "} | FILE.json",
+                   help="random weights: tiny (default; pi0.5 test geometry), tiny-pi0, pi0, "
+                        "pi05; with --checkpoint: a geometry override FILE.json")
+    p.add_argument("--checkpoint", type=Path, help="openpi / LeRobot checkpoint directory")
+    add_checkpoint_options(p, geometry=False)  # --embedding, shared with infer / export
     p.add_argument("--backend", choices=("eager", "cuda_graph"), default="eager")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "fp8"), default="float32")
-    p.add_argument("--fp8-act", choices=("per_token", "per_tensor"), default="per_token",
-                   help="FP8 activation scales")
+    p.add_argument("--fp8-act", choices=("per_token", "per_tensor", "static"),
+                   default="per_token",
+                   help="FP8 activation scales (static: per-tensor, calibrated on 2 dummy "
+                        "requests before quantization)")
     p.add_argument("--fp8-emulate", action="store_true",
                    help="FP8 quantize-dequantize reference instead of _scaled_mm (forced on "
                         "devices without FP8 GEMMs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every stage before capture (cuda_graph backend)")
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                   help="torch.compile mode with --compile (\"default\" compiles faster)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode with --compile (default: \"default\"; "
+                        "\"max-autotune-no-cudagraphs\" adds minutes of GEMM autotuning)")
     p.add_argument("--cameras", type=int, default=None,
                    help="cameras (default: 2 for tiny / pi05, 3 for pi0)")
     p.add_argument("--steps", type=int, default=10)
@@ -89,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-peak", action="store_true",
                    help="measure the device peaks instead of the datasheet table")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--kernels-only", action="store_true",
+                   help="count the kernels per stage of the format on the meta device (full "
+                        "geometry anywhere, no weights, no timing) and exit")
+    p.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
+                   help="attention kernel (model.gemma.set_attention)")
     return p
 
 
@@ -128,11 +141,13 @@ def random_model(cfg, device: torch.device, dtype: str, seed: int = 0):
 
 
 def build_model(args, device: torch.device):
-    base_dtype = "bfloat16" if args.dtype == "fp8" else args.dtype
-    if args.checkpoint is not None:
-        from pi0_ros.model import load_checkpoint
+    """The model in the format of ``--dtype`` (``registry.prepare_model``: FP8 linears for fp8,
+    calibrated first for ``--fp8-act static``)."""
+    from pi0_ros.engine.registry import model_dtype, prepare_model
 
-        model, cfg = load_checkpoint(args.checkpoint, device=device, dtype=base_dtype)
+    base_dtype = model_dtype(args.dtype)
+    if args.checkpoint is not None:
+        model, cfg = load_for_cli("pi0-ros-bench", args, device=device, dtype=base_dtype)
         if args.cameras:
             cfg = cfg.replace(cameras=tuple(f"camera_{i}" for i in range(args.cameras)))
     else:
@@ -143,33 +158,89 @@ def build_model(args, device: torch.device):
                 "of float32 weights and minutes per inference); use --geometry tiny on CPU "
                 "(CI) or --device cuda")
         model = random_model(cfg, device, base_dtype, args.seed)
+    fp8: dict[str, Any] = {}
     if args.dtype == "fp8":
-        from pi0_ros.engine.fp8 import quantize_fp8
+        fp8 = {"act_scale": args.fp8_act, "emulate": True if args.fp8_emulate else None}
+        if args.fp8_act == "static":
+            from pi0_ros.engine.base import dummy_inputs
+            from pi0_ros.engine.fp8 import calibrate_input_amax
 
-        quantize_fp8(model, act_scale=args.fp8_act,
-                     emulate=True if args.fp8_emulate else None)
+            model.set_precision(base_dtype)
+            n = args.cameras or cfg.num_cameras
+            calib = [dummy_inputs(cfg, 1, n, cfg.max_token_len // (i + 1), seed=90 + i)
+                     for i in range(2)]
+            fp8["input_amax"] = calibrate_input_amax(model, calib, args.steps)
+    prepare_model(model, args.dtype, **fp8)
     return model, cfg
 
 
-def make_backend(name: str, model, device: torch.device, compile: bool = False,
-                 compile_mode: str = "max-autotune-no-cudagraphs"):
-    if name == "cuda_graph":
-        from pi0_ros.engine.cuda_graph import CudaGraphBackend
+def make_backend(args, model, device: torch.device):
+    """The backend through the one registry (``engine.registry.build_backend``)."""
+    from pi0_ros.engine.registry import EngineOptions, build_backend
 
-        return CudaGraphBackend(model, device, compile=compile, compile_mode=compile_mode)
-    from pi0_ros.engine.eager import EagerBackend
+    return build_backend(model, EngineOptions(
+        backend=args.backend, precision=args.dtype, device=str(device), compile=args.compile,
+        compile_mode=args.compile_mode))
 
-    return EagerBackend(model, device, warmup=0)
+
+def meta_kernel_counts(args, cfg) -> dict[str, int]:
+    """Non-view aten ops per stage of the model in ``args``' format, on the meta device (the
+    native FP8 path; static scales with placeholder amax): full geometry on any machine. On
+    meta / CPU ``sdpa`` counts its math decomposition; on CUDA it is one fused op."""
+    from pi0_ros.engine.base import EngineSpec, StaticBackend
+    from pi0_ros.engine.fp8 import linear_names
+    from pi0_ros.engine.registry import model_dtype, prepare_model
+    from pi0_ros.model import Pi0Model
+    from pi0_ros.model.gemma import set_attention
+
+    with torch.device("meta"):
+        model = Pi0Model(cfg)
+    model.set_precision(model_dtype(args.dtype))
+    set_attention(model, args.attention)
+    fp8: dict[str, Any] = {}
+    if args.dtype == "fp8":
+        fp8 = {"act_scale": args.fp8_act, "emulate": bool(args.fp8_emulate)}
+        if args.fp8_act == "static":
+            fp8["input_amax"] = {n: torch.ones(()) for n in linear_names(model, ("lm", "expert"))}
+    prepare_model(model, args.dtype, **fp8)
+
+    class _Meta(StaticBackend):  # the real stage functions over meta static buffers
+        def _run_stage(self, *key):
+            self._stage_fn(*key)()
+
+    backend = _Meta(model)
+    bucket = args.prompt_len or cfg.max_token_len
+    batch = int(str(args.batch).split(",")[0])
+    # prepare() without its generator / warm-up (meta tensors have no values).
+    spec = EngineSpec(num_cameras=args.cameras or cfg.num_cameras, num_steps=args.steps,
+                      max_batch=batch, prompt_buckets=(bucket,)).resolve(cfg.max_token_len)
+    with torch.no_grad():
+        backend.spec, backend.conds = spec, model.time_conditioning(spec.num_steps)
+        backend._slots = [backend._alloc_slot(spec)]
+        return stage_kernel_counts(backend, bucket=bucket, batch=batch)
+
+
+def stage_kernel_counts(backend, *, bucket: int, batch: int) -> dict[str, int]:
+    """Non-view aten ops per stage of a prepared backend's model *in its format* (fp8: the
+    quantization ops included), from one eager pass of slot 0 under the host-sync check: the
+    kernels one graph replay launches without ``torch.compile`` fusion."""
+    from pi0_ros.engine.base import STAGES
+    from pi0_ros.engine.cuda_standin import no_host_sync
+
+    if backend._cuda:
+        backend._rt.synchronize(backend.device)
+    counts = {}
+    for stage in STAGES:
+        key = (stage, 0, 0 if stage == "vision" else bucket, batch)
+        with no_host_sync(f"stage {key}") as check:
+            backend._stage_fn(*key)()
+        counts[stage] = check.ops
+    if backend._cuda:
+        backend._rt.synchronize(backend.device)
+    return counts
 
 
 # -- measurement ----------------------------------------------------------------------------------
-def percentiles(values_ms: Sequence[float]) -> dict[str, float]:
-    v = np.asarray(values_ms, dtype=np.float64)
-    return {"p50_ms": float(np.percentile(v, 50)), "p95_ms": float(np.percentile(v, 95)),
-            "p99_ms": float(np.percentile(v, 99)), "max_ms": float(v.max()),
-            "mean_ms": float(v.mean()), "n": int(v.size)}
-
-
 def _memory(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
@@ -198,21 +269,29 @@ def run_batch(args, backend, cfg, device, batch: int, prompt_len: int, buckets, 
         result = backend.infer(inputs)
         for k in REPORTED:
             samples[k].append(result.timing.get(k, 0.0))
-    stages = {k: percentiles(v) for k, v in samples.items()}
+    stages = {k: percentiles(v, suffix="_ms") for k, v in samples.items()}
     floors = roofline(cfg, peak, batch=batch, num_cameras=args.cameras_n,
                       prompt_len=result.bucket, num_steps=args.steps,
                       precision=args.dtype)
     p50 = {k: stages[k]["p50_ms"] for k in ("vision", "prefix", "denoise", "total")}
+    memory = _memory(device)  # before the kernel count's eager pass allocates intermediates
     run = {"batch": batch, "bucket": result.bucket, "prompt_len": prompt_len,
-           "prepare_s": prepare_s, "stages": stages, "memory": _memory(device),
+           "prepare_s": prepare_s, "stages": stages,
+           "kernels": stage_kernel_counts(backend, bucket=result.bucket, batch=result.batch),
+           "memory": memory,
            "roofline": floors, "ratio_to_floor": ratio_to_floor(p50, floors),
            "finite": bool(torch.isfinite(result.actions).all())}
     backend.release()
+    if device.type == "cuda":  # each batch size's peak is its own (weights included)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     return run
 
 
 def engine_main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    resolve_geometry(parser, args, default="tiny")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -223,9 +302,30 @@ def engine_main(argv: Sequence[str]) -> int:
     if not batches or min(batches) <= 0:
         raise SystemExit(f"pi0-ros-bench: bad --batch {args.batch!r}")
     torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if args.kernels_only:
+        cfg = _config(args) if args.checkpoint is None else None
+        if cfg is None:
+            raise SystemExit("pi0-ros-bench: --kernels-only takes --geometry, not --checkpoint")
+        counts = meta_kernel_counts(args, cfg)
+        print(f"{args.geometry} {args.dtype}"
+              f"{' ' + args.fp8_act if args.dtype == 'fp8' else ''} attention "
+              f"{args.attention}: kernels per inference (non-view aten ops, meta device): "
+              f"vision {counts['vision']}, prefix {counts['prefix']}, "
+              f"denoise {counts['denoise']}")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"kernels": counts, "dtype": args.dtype,
+                                             "attention": args.attention}, indent=1))
+        return 0
     model, cfg = build_model(args, device)
+    if args.attention != "eager":
+        from pi0_ros.model.gemma import set_attention
+
+        set_attention(model, args.attention)
+    if device.type == "cuda":
+        # After quantization: an fp8 run's peak is the fp8 model's, not the bf16 one it came from.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     args.cameras_n = args.cameras or cfg.num_cameras
     weights_gb = _memory(device).get("allocated_gb")
 
@@ -241,12 +341,7 @@ def engine_main(argv: Sequence[str]) -> int:
                          f"{buckets}")
     peak = device_peak(device, tflops=args.peak_tflops, gbps=args.peak_gbps,
                        measure=args.measure_peak)
-    from pi0_ros.engine.roofline import count_kernels
-
-    kernels = count_kernels(cfg, batch=1, num_cameras=args.cameras_n, prompt_len=bucket,
-                            num_steps=args.steps,
-                            dtype="float32" if args.dtype == "float32" else "bfloat16")
-    backend = make_backend(args.backend, model, device, args.compile, args.compile_mode)
+    backend = make_backend(args, model, device)
     runs = [run_batch(args, backend, cfg, device, b, prompt_len, (bucket,), peak)
             for b in batches]
     out = {
@@ -262,8 +357,9 @@ def engine_main(argv: Sequence[str]) -> int:
         "device": _device_info(device),
         "peak": runs[0]["roofline"]["peak"],
         "weights_gb": weights_gb,
-        # Eager kernels per stage (unfused model, bf16 base for fp8): see roofline.count_kernels.
-        "kernels": kernels,
+        # Kernels per stage of the model in its format (fp8 quantization ops included), first
+        # batch size: non-view aten ops of one eager pass (stage_kernel_counts).
+        "kernels": runs[0]["kernels"],
         "stages": runs[0]["stages"],  # the first (or only) batch size
         "runs": runs,
     }
@@ -294,7 +390,7 @@ def _print(out: dict) -> None:
           f"{c['steps']} steps, prompt {c['prompt_len']} -> bucket {c['bucket']}")
     peak = out["peak"]
     k = out["kernels"]
-    print(f"eager kernels per inference: vision {k['vision']}, prefix {k['prefix']}, "
+    print(f"{c['dtype']} kernels per inference: vision {k['vision']}, prefix {k['prefix']}, "
           f"denoise {k['denoise']} (unfused; --compile fuses them)")
     fp8 = f", {peak['tflops_fp8']:.1f} fp8" if peak["tflops_fp8"] else ""
     print(f"roofline peak ({peak['source']}): {peak['tflops_float32']:.2f} TFLOP/s float32, "

@@ -1,14 +1,15 @@
-"""Host cost of one ROS observation: message conversion + Policy.preprocess, on one core.
+"""Host cost of one ROS observation: message conversion + preprocessing, on one core.
 
-What the policy node does per synchronized set before the model runs: ``sensor_msgs/Image`` x N
-and a ``JointState`` -> numpy (``pi0_ros.ros.conversions``), then ``Policy.preprocess`` (resize
-with pad to the model resolution, uint8 -> [-1, 1] float32, state normalization, pi0.5 prompt
-tokenization) -> model host tensors. The model itself is not loaded: ``Policy`` is built on the
-full-size pi0.5 configuration (3 cameras, 224 px) through its ``_load_model`` seam, so only the
-host path is timed.
+What the policy node does per synchronized set before the model runs: ``sensor_msgs/Image`` (or
+``CompressedImage`` jpeg / png) x N and a ``JointState`` -> numpy (``pi0_ros.ros.conversions``),
+then ``Policy.preprocess``'s work (``processing.Preprocessor``: resize with pad to the model
+resolution, uint8 -> [-1, 1] float32, state normalization, pi0.5 prompt tokenization, then
+``torch.from_numpy``) -> model host tensors, on the full-size pi0.5 configuration (3 cameras,
+224 px, 200 tokens). No model is built: only the host path is timed.
 
-    python -m pi0_ros.tools.bench_ros_host                # 3 x 640x480 rgb8, 200 iterations
-    python -m pi0_ros.tools.bench_ros_host --encoding bgr8 --json out.json --budget-ms 3
+    python -m pi0_ros.tools.bench_ros_host                # 3 x 640x480 rgb8, fast resize
+    python -m pi0_ros.tools.bench_ros_host --encoding jpeg --resize pillow --json out.json
+    python -m pi0_ros.tools.bench_ros_host --encoding bgr8 --budget-ms 3
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import itertools
 import json
 import os
 import platform
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from unittest import mock
+
+from pi0_ros.tools.bench_host import cpu_name
 
 import numpy as np
+
+from ..processing import DEFAULT_RESIZE, RESIZE_METHODS
+from ..stats import percentiles
 
 FIXTURES = Path(__file__).resolve().parents[2] / "test" / "fixtures" / "openpi_preprocess"
 PROMPT = "pick up the red block and put it in the bowl"
@@ -38,7 +40,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cameras", type=int, default=3, choices=(1, 2, 3))
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
-    p.add_argument("--encoding", default="rgb8")
+    p.add_argument("--encoding", default="rgb8",
+                   help="Image encoding (rgb8, bgr8, ...) or 'jpeg' / 'png' (CompressedImage)")
+    p.add_argument("--resize", choices=RESIZE_METHODS, default=DEFAULT_RESIZE)
+    p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: no pinning)")
@@ -53,45 +58,46 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _pin(cpu: int) -> None:
-    if cpu >= 0 and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
-    import torch
-
-    torch.set_num_threads(1)
 
 
-def _policy(assets: Path, workdir: Path, cameras: int):
-    """A Policy on the full-size pi0.5 configuration whose model is never loaded."""
-    from pi0_ros import policy as policy_mod
+def _preprocessor(assets: Path, cameras: int, resize: str):
+    """``Policy.preprocess``'s Preprocessor on the full-size pi0.5 configuration (no model)."""
     from pi0_ros.model.config import Pi0Config
+    from pi0_ros.processing import CameraMapping, Normalizer, Preprocessor, PromptTokenizer
 
-    ckpt = workdir / "ckpt"
-    (ckpt / "assets" / "bench").mkdir(parents=True)
-    shutil.copy(assets / "tokenizer.model", ckpt)
-    shutil.copy(assets / "norm_stats.json", ckpt / "assets" / "bench")
     config = Pi0Config(pi05=True)  # 3 cameras, 224 px, max_token_len 200
-
-    def no_model(*_args, **_kwargs):
-        return None, config
-
     slots = config.cameras[:cameras]
-    with mock.patch.object(policy_mod, "_load_model", no_model):
-        return policy_mod.Policy(ckpt, cameras={s: s for s in slots}, input_keys="slots"), slots
+    normalizer = Normalizer.from_json(assets / "norm_stats.json", use_quantiles=True)
+    tokenizer = PromptTokenizer(assets / "tokenizer.model", config.max_token_len,
+                                discrete_state=True)
+    pre = Preprocessor(
+        normalizer=normalizer, tokenizer=tokenizer,
+        cameras=CameraMapping(slots=config.cameras, sources={s: s for s in slots}),
+        image_size=config.vision.image_size, model_action_dim=config.action_dim,
+        state_dim=normalizer.dim("state"), state_key="state", prompt_key="prompt",
+        resize=resize)
+    return pre, slots
+
+
+def _camera_frame(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth scene with sensor noise (jpeg sizes of a camera picture, not of white noise)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([120 + 80 * np.sin(x / 23) * np.cos(y / 31), 110 + 70 * np.cos((x + y) / 41),
+                     100 + 60 * np.sin(y / 17)], axis=-1)
+    base += rng.normal(0.0, 6.0, base.shape).astype(np.float32)
+    return np.clip(base, 0, 255).astype(np.uint8)
 
 
 def _messages(args: argparse.Namespace, state_dim: int):
     from pi0_ros.ros import conversions as conv
 
     rng = np.random.default_rng(0)
-    images = [
-        conv.rgb_to_image(
-            rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8),
-            args.encoding,
-            stamp_ns=1,
-        )
-        for _ in range(args.cameras)
-    ]
+    frames = [_camera_frame(rng, args.height, args.width) for _ in range(args.cameras)]
+    if args.encoding in ("jpeg", "png"):
+        images = [conv.rgb_to_compressed(f, args.encoding, stamp_ns=1, quality=args.jpeg_quality)
+                  for f in frames]
+    else:
+        images = [conv.rgb_to_image(f, args.encoding, stamp_ns=1) for f in frames]
     names = [f"joint{i}" for i in range(state_dim)]
     # A new state every frame (as on a moving robot): the pi0.5 prompt is re-tokenized each time.
     states = rng.uniform(-1.0, 1.0, (64, state_dim + 1))
@@ -99,10 +105,6 @@ def _messages(args: argparse.Namespace, state_dim: int):
         conv.vector_to_joint_state(["extra"] + names[::-1], state, stamp_ns=1) for state in states
     ]
     return images, joints, names
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values) * 1e3, q))
 
 
 def _timed(fn, n: int, warmup: int) -> tuple[list[float], object]:
@@ -116,65 +118,78 @@ def _timed(fn, n: int, warmup: int) -> tuple[list[float], object]:
     return times, out
 
 
-def _summary(times: list[float]) -> dict[str, float]:
-    return {
-        "p50": _pct(times, 50),
-        "p90": _pct(times, 90),
-        "max": _pct(times, 100),
-        "mean": statistics.fmean(times) * 1e3,
-    }
-
-
 def run(args: argparse.Namespace) -> dict:
-    """Times the node's two host steps (and the unprepared path for comparison)."""
+    """Times the node's two host steps (and the unprepared path for comparison), pinned to
+    ``args.cpu`` with one torch thread; both are restored afterwards."""
+    from pi0_ros.processing import set_torch_threads
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    threads = set_torch_threads(1)
+    try:
+        if args.cpu >= 0 and affinity is not None:
+            os.sched_setaffinity(0, {args.cpu})
+        return _measure(args)
+    finally:
+        set_torch_threads(threads)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    import torch
+
     from pi0_ros.processing import PreparedImage
     from pi0_ros.ros import conversions as conv
 
-    _pin(args.cpu)
     n, warm = args.iterations, args.warmup
-    with tempfile.TemporaryDirectory() as tmp:
-        policy, slots = _policy(args.assets, Path(tmp), args.cameras)
-        size = policy.settings.image_size
-        images, joints, names = _messages(args, policy.settings.state_dim or 8)
+    pre, slots = _preprocessor(args.assets, args.cameras, args.resize)
+    size = pre.image_size
 
-        # 1. per camera message, in its subscription callback: convert + prepare for the model
-        def arrival():
-            return PreparedImage.from_uint8(conv.image_to_rgb(images[0]), size)
+    def preprocess(obs):  # = Policy.preprocess
+        return {k: torch.from_numpy(v) for k, v in pre(obs).items()}
 
-        arrival_t, _ = _timed(arrival, n, warm)
-        prepared = {slot: arrival() for slot in slots}
+    images, joints, names = _messages(args, pre.state_dim or 8)
 
-        # 2. per synchronized set: JointState + the prepared frames -> model tensors
-        frame = itertools.count()
+    # 1. per camera message, in its subscription callback: convert + prepare for the model
+    def arrival():
+        return PreparedImage.from_uint8(conv.to_rgb(images[0]), size, resize=args.resize)
 
-        def on_set():
-            obs = dict(prepared)
-            obs["state"] = conv.joint_state_to_vector(joints[next(frame) % len(joints)], names)
-            obs["prompt"] = PROMPT
-            return policy.preprocess(obs)
+    arrival_t, _ = _timed(arrival, n, warm)
+    prepared = {slot: arrival() for slot in slots}
 
-        set_t, tensors = _timed(on_set, n, warm)
+    # 2. per synchronized set: JointState + the prepared frames -> model tensors
+    frame = itertools.count()
 
-        # 3. the same without preparing on arrival: everything when the set completes
-        def unprepared():
-            obs = {slot: conv.image_to_rgb(msg) for slot, msg in zip(slots, images)}
-            obs["state"] = conv.joint_state_to_vector(joints[next(frame) % len(joints)], names)
-            obs["prompt"] = PROMPT
-            return policy.preprocess(obs)
+    def on_set():
+        obs = dict(prepared)
+        obs["state"] = conv.joint_state_to_vector(joints[next(frame) % len(joints)], names)
+        obs["prompt"] = PROMPT
+        return preprocess(obs)
 
-        unprepared_t, _ = _timed(unprepared, n, warm)
+    set_t, tensors = _timed(on_set, n, warm)
+
+    # 3. the same without preparing on arrival: everything when the set completes
+    def unprepared():
+        obs = {slot: conv.to_rgb(msg) for slot, msg in zip(slots, images)}
+        obs["state"] = conv.joint_state_to_vector(joints[next(frame) % len(joints)], names)
+        obs["prompt"] = PROMPT
+        return preprocess(obs)
+
+    unprepared_t, _ = _timed(unprepared, n, warm)
+    pre.close()
     total = [args.cameras * a + s for a, s in zip(arrival_t, set_t)]
     return {
         "what": f"{args.cameras} x {args.width}x{args.height} {args.encoding} + JointState "
-        f"-> model tensors ({size} px, pi0.5 prompt with state)",
+        f"-> model tensors ({size} px, pi0.5 prompt with state, resize={args.resize})",
+        "resize": args.resize,
         "iterations": n,
-        "arrival_per_camera_ms": _summary(arrival_t),
-        "set_ms": _summary(set_t),
-        "total_cpu_ms": _summary(total),
-        "unprepared_ms": _summary(unprepared_t),
+        "arrival_per_camera_ms": percentiles(arrival_t, scale=1e3),
+        "set_ms": percentiles(set_t, scale=1e3),
+        "total_cpu_ms": percentiles(total, scale=1e3),
+        "unprepared_ms": percentiles(unprepared_t, scale=1e3),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "pinned_core": args.cpu,
             "cores": os.cpu_count(),
             "load_avg_1min": os.getloadavg()[0],
@@ -184,16 +199,6 @@ def run(args: argparse.Namespace) -> dict:
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _pillow_version() -> str:

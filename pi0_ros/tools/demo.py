@@ -21,7 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from pi0_ros.stats import percentiles
 from pi0_ros.tools import make_demo, replay
+from pi0_ros.tools.replay_report import (
+    RANDOM_WEIGHTS,
+    executor_summary,
+    quiet_repeated_rejections,
+)
 
 DEFAULT_OUT = Path("out") / "demo"
 
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_repeated_rejections()  # one line per executor rejection reason; counted at the end
     t0 = time.perf_counter()
     try:
         spec = make_demo.DemoSpec(seed=args.seed, duration=args.duration)
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         out = replay.run_offline(
             paths["bag"], paths["params"], args.out / "replay", seed=args.seed,
             plots=not args.no_plots, progress=replay._progress_printer(spec.duration),
+            units=make_demo.JOINT_UNITS,
         )
     except (replay.ReplayError, ValueError, OSError) as exc:
         print(f"pi0-ros-demo: error: {exc}", file=sys.stderr)
@@ -64,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     res = out.result
-    lat = replay._percentiles(res.latencies)
+    lat = percentiles(res.latencies, scale=1e3)
     bag_s = (res.end_ns - res.start_ns) / replay.NS_PER_S
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(res.chunks)} chunks over {bag_s:.1f} s"
           f" of bag ({len(res.chunks) / max(bag_s, 1e-9):.1f} Hz), inference latency p50 "
           f"{lat.get('p50', 0):.1f} ms / p99 {lat.get('p99', 0):.1f} ms, "
           f"{len(res.commands)} executor commands")
+    summary = executor_summary(res, spec.action_dt)
+    if summary:
+        print(summary)
+    print(f"note:       {RANDOM_WEIGHTS}")
     print(f"output bag: {out.bag}")
     print(f"report:     {out.report}")
     if out.plots:

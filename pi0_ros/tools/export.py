@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+from pi0_ros.engine.registry import PRECISIONS, TRT_PRECISION
+from pi0_ros.engine.tensorrt.settings import PRECISIONS as TRT_PRECISIONS
+from pi0_ros.tools.checkpoint_args import add_checkpoint_options, checkpoint_kwargs
+
 
 def _progress(msg: str) -> None:
     print(msg, flush=True)
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="openpi / LeRobot checkpoint directory")
     src.add_argument("--tiny", choices=("pi0", "pi05"),
                      help="random-weight tiny model instead of a checkpoint")
-    p.add_argument("--geometry", type=Path, default=None, help="geometry override (JSON)")
+    add_checkpoint_options(p)  # --geometry FILE.json, --embedding (shared by every CLI)
     p.add_argument("--cameras", type=int, default=None,
                    help="number of cameras (--tiny only; a checkpoint fixes its own)")
     p.add_argument("--out", type=Path, required=True)
@@ -64,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--build", action="store_true", help="build engines (needs tensorrt)")
     trt.add_argument("--engine-dir", type=Path, default=None)
-    trt.add_argument("--precision", choices=("bf16", "fp16", "fp32", "fp8"), default="bf16")
+    trt.add_argument("--precision", default="bf16",
+                     choices=(*PRECISIONS, *(p for p in TRT_PRECISIONS if p not in PRECISIONS)),
+                     help="a numeric format of the engine registry (float32, bfloat16, fp8) "
+                          "or TensorRT's own name (fp32, bf16, fp16, fp8)")
+    trt.add_argument("--runtime", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+                     help="build with TensorRT (default), or store the ONNX stages as "
+                          "'engines' the onnxruntime runtime serves (float32, CPU: the "
+                          "node's tensorrt.runtime onnxruntime)")
     typing = trt.add_mutually_exclusive_group()
     typing.add_argument("--strongly-typed", dest="strongly_typed", action="store_true",
                         default=None)
@@ -108,7 +119,7 @@ def _load_model(args):
         raise SystemExit("error: --cameras applies to --tiny only; a checkpoint's camera slots "
                          "come from its config (missing cameras are masked at run time)")
     model, _ = load_checkpoint(args.checkpoint, device="cpu", dtype="float32",
-                               geometry=args.geometry)
+                               **checkpoint_kwargs(args))
     return model.eval(), args.checkpoint
 
 
@@ -126,8 +137,7 @@ def main(argv: list[str] | None = None, *, runtime=None) -> int:
         parser.error("--steps, --max-batch must be positive and 1 <= --min-batch <= --max-batch")
 
     from pi0_ros.engine.base import default_buckets, dummy_inputs
-    from pi0_ros.engine import onnx_export as ox
-    from pi0_ros.engine import tensorrt as trt_backend
+    from pi0_ros.engine import tensorrt as tb
     from pi0_ros.model import CheckpointError
 
     torch.set_grad_enabled(False)
@@ -135,18 +145,21 @@ def main(argv: list[str] | None = None, *, runtime=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"argv": list(argv) if argv is not None else sys.argv[1:]}
     try:
-        options = trt_backend.BuildOptions(
-            precision=args.precision, strongly_typed=args.strongly_typed,
+        options = tb.BuildOptions(
+            precision=TRT_PRECISION.get(args.precision, args.precision),
+            strongly_typed=args.strongly_typed,
             opt_level=args.opt_level, fp32_islands=not args.no_fp32_islands,
             tf32=not args.no_tf32, workspace_gib=args.workspace_gib,
-            opset=args.opset or ox.DEFAULT_OPSET)
+            opset=args.opset or tb.DEFAULT_OPSET)
     except ValueError as e:
         parser.error(str(e))
 
+    if args.build and runtime is None and args.runtime == "onnxruntime":
+        runtime = tb.OnnxRuntimeRuntime()
     if args.build and runtime is None:  # fail before the long export, not after it
         try:
-            trt_backend.require_tensorrt()
-        except trt_backend.TensorRTUnavailable as e:
+            tb.require_tensorrt()
+        except tb.TensorRTUnavailable as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     t0 = time.perf_counter()
@@ -165,20 +178,20 @@ def main(argv: list[str] | None = None, *, runtime=None) -> int:
               f"(loaded in {time.perf_counter() - t0:.1f} s)")
 
     # 1. export (float32: the graphs onnxruntime checks and weakly typed builds parse)
-    exports = ox.export_all(model, out / "onnx" / "float32", prompt_buckets=buckets,
+    exports = tb.export_all(model, out / "onnx" / "float32", prompt_buckets=buckets,
                             num_steps=args.steps, opset=options.opset,
                             step_stage=args.step_stage, progress=_progress)
-    report["onnx"] = [{"stage": e.name, "path": str(e.path), "bytes": ox.file_size(e.path),
+    report["onnx"] = [{"stage": e.name, "path": str(e.path), "bytes": tb.file_size(e.path),
                        "export_s": round(e.seconds, 2)} for e in exports]
 
     # 2. onnxruntime vs eager
     status = 0
     if not args.no_check:
-        status = _check(model, exports, buckets, args, report, ox, dummy_inputs)
+        status = _check(model, exports, buckets, args, report, tb, dummy_inputs)
 
     # 3. engines
     if args.build:
-        code = _build(model, ckpt, exports, buckets, options, args, report, trt_backend,
+        code = _build(model, ckpt, exports, buckets, options, args, report, tb,
                       runtime)
         status = status or code
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None, *, runtime=None) -> int:
     return status
 
 
-def _check(model, exports, buckets, args, report, ox, dummy_inputs) -> int:
+def _check(model, exports, buckets, args, report, tb, dummy_inputs) -> int:
     cfg = model.config
     _progress(f"checking the ONNX stages with onnxruntime against eager (atol {args.atol}) ...")
     rows = [["output", "max |onnxruntime - eager|"]]
@@ -198,14 +211,14 @@ def _check(model, exports, buckets, args, report, ox, dummy_inputs) -> int:
                                prompt_len=L, seed=args.seed)
         stages = [e for e in exports if e.prompt_len in (0, L)]
         t = time.perf_counter()
-        diffs.update(ox.check_stages(model, stages, request))
-        sessions = {e.stage: ox.ort_session(e.path) for e in stages
+        diffs.update(tb.check_stages(model, stages, request))
+        sessions = {e.stage: tb.ort_session(e.path) for e in stages
                     if e.stage in ("vision", "prefix", "denoise")}
-        got = ox.onnx_sample_actions(sessions, request, model, args.steps)
+        got = tb.onnx_sample_actions(sessions, request, model, args.steps)
         want = model.sample_actions(request.images, request.image_masks, request.tokens,
                                     request.token_mask, request.state, noise=request.noise,
                                     num_steps=args.steps)
-        diffs[f"sample_actions_L{L}"] = ox.max_abs_diff(got, want)
+        diffs[f"sample_actions_L{L}"] = tb.max_abs_diff(got, want)
         _progress(f"    bucket {L}: checked in {time.perf_counter() - t:.1f} s")
     for name, d in diffs.items():
         rows.append([name, f"{d:.3e}" + ("" if d <= args.atol else "  FAIL")])

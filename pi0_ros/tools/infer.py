@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pi0_ros.tools.checkpoint_args import add_checkpoint_options, checkpoint_kwargs
+
 
 def _load_inputs(path: Path, cameras, config) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -56,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--geometry", type=Path, default=None,
-                        help="JSON geometry override for checkpoints whose config does not "
-                             "describe them (a fixture.json or the geometry dict itself)")
+    add_checkpoint_options(parser)  # --geometry FILE.json, --embedding (shared by every CLI)
     parser.add_argument("--seed", type=int, default=0, help="noise seed when INPUTS has none")
     args = parser.parse_args(argv)
     if args.num_steps <= 0:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         model, config = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        geometry=args.geometry)
+                                        **checkpoint_kwargs(args))
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,8 @@ _AMPLITUDE = np.array([0.6, 0.3, 0.4, 0.35, 0.5, 0.3, 0.7])
 _FREQUENCY = np.array([0.10, 0.15, 0.12, 0.20, 0.17, 0.13, 0.25])
 _PHASE = np.array([0.0, 1.0, 2.0, 0.5, 1.5, 2.5, 3.0])
 GRIPPER_OPEN = 0.04  # finger joint travel, metres
+# Plot axis unit per joint: the arm's revolute joints in radians, the prismatic finger in metres.
+JOINT_UNITS = {**{name: "rad" for name in JOINT_NAMES[:7]}, JOINT_NAMES[7]: "m"}
 GRIPPER_PERIOD = 5.0  # seconds per open / close cycle
 
 
@@ -100,43 +102,6 @@ def model_config(spec: DemoSpec) -> Any:
         pi05=True, num_cameras=len(spec.cameras), action_horizon=spec.action_horizon,
         cameras=spec.cameras,
     )
-
-
-def geometry_of(config: Any) -> dict[str, Any]:
-    """``config.json["geometry"]`` in the layout of the openpi tiny fixtures."""
-    v, lm, ex = config.vision, config.lm, config.expert
-
-    def gemma(g: Any, adarms: bool) -> dict[str, Any]:
-        out = dict(
-            width=g.width, depth=g.depth, mlp_dim=g.mlp_dim, num_heads=g.num_heads,
-            num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, vocab_size=g.vocab_size,
-            rms_norm_eps=g.rms_norm_eps, rope_theta=g.rope_theta,
-            hidden_act="gelu_pytorch_tanh", adarms=adarms,
-        )
-        if adarms:
-            out["adarms_cond_dim"] = g.width
-        return out
-
-    return {
-        "vision": dict(
-            image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-            hidden=v.width, layers=v.depth, heads=v.num_heads, head_dim=v.head_dim,
-            mlp=v.mlp_dim, tokens_per_image=v.tokens_per_image,
-            layer_norm_eps=v.layer_norm_eps, hidden_act="gelu_pytorch_tanh",
-            projector={"in": v.width, "out": lm.width, "bias": True},
-        ),
-        "lm": gemma(lm, False),
-        "expert": gemma(ex, config.pi05),
-        "action_dim": config.action_dim,
-        "action_horizon": config.action_horizon,
-        "max_token_len": config.max_token_len,
-        "pi05": config.pi05,
-        "cameras": list(config.cameras),
-        "num_cameras": config.num_cameras,
-        "time_embedding": {
-            "dim": ex.width, "min_period": config.min_period, "max_period": config.max_period,
-        },
-    }
 
 
 def init_tensor(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -207,7 +172,7 @@ def make_checkpoint(out_dir: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
     """
     from safetensors.numpy import save_file
 
-    from pi0_ros.model.weights import checkpoint_shapes
+    from pi0_ros.model.weights import checkpoint_shapes, geometry_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +189,7 @@ def make_checkpoint(out_dir: str | Path, spec: DemoSpec = DemoSpec()) -> Path:
         "pi05": True,
         "max_token_len": config.max_token_len,
         "discrete_state_input": True,
-        "geometry": geometry_of(config),
+        "geometry": geometry_dict(config),
         "demo": {"seed": spec.seed, "asset_id": ASSET_ID,
                  "note": "random weights from pi0_ros.tools.make_demo; not a trained policy"},
     }

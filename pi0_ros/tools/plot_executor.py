@@ -1,11 +1,13 @@
 """pi0-ros-plot-executor: each stitching strategy through a stream of overlapping, late chunks.
 
 ``pi0-ros-plot-executor --output docs/executor_strategies.png`` draws, per strategy (columns),
-position, velocity and acceleration (rows) of one joint: the command (solid), the stitched
-reference before the limiter (dashed), the future actions of every accepted chunk (dots) and
-the seams (dotted). The chunks are offset (``OFFSET``), slightly noisy (``NOISE``) views of a
-sine, stamped ``--latency`` s before they arrive. ``--tick-cost`` prints instead the mean cost
-of ``StreamingExecutor.tick`` for 7 joints (timeit) per strategy.
+position, velocity, acceleration and jerk (rows) of one joint: the jerk-limited (ruckig)
+command (blue), the exact velocity / acceleration limiter's command (the fallback, grey), the
+stitched reference before the limiter (dashed), the future actions of every accepted chunk
+(dots) and the seams (dotted). The chunks are offset (``OFFSET``), slightly noisy
+(``NOISE``) views of a sine, stamped ``--latency`` s before they arrive. ``--tick-cost`` prints
+instead the mean cost of ``StreamingExecutor.tick`` for 7 joints (timeit) per strategy, with
+the exact limiter and with ruckig.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from pi0_ros.control import STRATEGIES, ActionChunk, ExecutorConfig, StreamingExecutor
 
 VMAX, AMAX = 1.5, 15.0  # rad/s, rad/s^2 of the plotted joint
+JMAX = 300.0  # rad/s^3: the jerk-limited (ruckig) command; the exact limiter's is drawn too
 OFFSET = 0.04  # rad, std of a chunk's offset from the others (inference-to-inference change)
 NOISE = 0.002  # rad, std of per-action noise inside a chunk
 TICK_COST_JOINTS = 7
@@ -36,12 +39,12 @@ def stream(rng, t, latency, horizon=16, dt=0.05):
 
 
 def simulate(strategy, rate=500.0, latency=0.08, chunk_period=0.25, duration=2.2,
-             interpolation="cubic"):
+             interpolation="cubic", jerk_max=None):
     """Dict of arrays: t, q, v, a (finite differences of the command), ref (N, 3) or NaN,
     seams (arrival times), dots (times, values of the future actions), holding."""
     cfg = ExecutorConfig(("j",), (-2.0,), (2.0,), (VMAX,), (AMAX,), strategy=strategy,
                          interpolation=interpolation, crossfade_window=0.1,
-                         chunk_timeout=0.35)
+                         chunk_timeout=0.35, jerk_max=(jerk_max,) if jerk_max else ())
     ex = StreamingExecutor(cfg, 1.0 / rate)
     ex.set_state([target(chunk_period - latency)], 0.0)  # where the first chunk starts
     rng = np.random.default_rng(0)
@@ -60,20 +63,22 @@ def simulate(strategy, rate=500.0, latency=0.08, chunk_period=0.25, duration=2.2
         refs.append(ref[:, 0] if ref is not None else np.full(3, np.nan))
     t, q = np.array(ts), np.array(qs)
     v = np.gradient(q, t)
-    return {"t": t, "q": q, "v": np.diff(q, prepend=q[0]) * rate,
-            "a": np.diff(np.diff(q, prepend=q[0]), prepend=0.0) * rate * rate,
+    a = np.diff(np.diff(q, prepend=q[0]), prepend=0.0) * rate * rate
+    return {"t": t, "q": q, "v": np.diff(q, prepend=q[0]) * rate, "a": a,
+            "j": np.diff(a, prepend=0.0) * rate,
             "ref": np.array(refs), "seams": np.array(seams), "dots": np.array(dots),
             "holding": np.array(holds), "v_smooth": v}
 
 
 def tick_cost(strategy, rate=1000.0, joints=TICK_COST_JOINTS, horizon=50, dt=0.02,
-              chunk_period=0.1, ticks=5000) -> float:
+              chunk_period=0.1, ticks=5000, jerk_max=None) -> float:
     """Mean seconds per ``StreamingExecutor.tick`` (timeit) over ``ticks`` ticks of a steady
     stream: chunks of ``horizon`` x ``dt`` every ``chunk_period`` s, 50 ms old on arrival, so
     ``horizon * dt / chunk_period`` of them overlap. Submits run between the timed stretches."""
     names = tuple(f"j{i}" for i in range(joints))
     cfg = ExecutorConfig(names, (-3.0,) * joints, (3.0,) * joints, (2.0,) * joints,
-                         (20.0,) * joints, strategy=strategy)
+                         (20.0,) * joints, strategy=strategy,
+                         jerk_max=(jerk_max,) * joints if jerk_max else ())
     ex = StreamingExecutor(cfg, 1.0 / rate)
     ex.set_state(np.zeros(joints), 0.0)
     n_period, clock = int(round(chunk_period * rate)), [0]
@@ -105,38 +110,45 @@ def plot(path, rate, latency):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, len(STRATEGIES), sharex=True, sharey="row",
-                             figsize=(15, 8.5), squeeze=False)
+    fig, axes = plt.subplots(4, len(STRATEGIES), sharex=True, sharey="row",
+                             figsize=(15, 10.5), squeeze=False)
+    rows = (("q", "position [rad]"), ("v", "velocity [rad/s]"),
+            ("a", "acceleration [rad/s$^2$]"), ("j", "jerk [rad/s$^3$]"))
     for col, strategy in enumerate(STRATEGIES):
-        r = simulate(strategy, rate=rate, latency=latency)
-        ax_q, ax_v, ax_a = axes[:, col]
-        ax_q.plot(r["dots"][0], r["dots"][1], ".", color="0.6", markersize=3,
-                  label="future actions")
-        for row, (ax, key) in enumerate(((ax_q, "q"), (ax_v, "v"), (ax_a, "a"))):
-            ax.plot(r["t"], r["ref"][:, row], "--", color="tab:orange", linewidth=1.2,
-                    label="reference (stitched, before limits)")
+        exact = simulate(strategy, rate=rate, latency=latency)
+        r = simulate(strategy, rate=rate, latency=latency, jerk_max=JMAX)
+        axes[0, col].plot(r["dots"][0], r["dots"][1], ".", color="0.6", markersize=3,
+                          label="future actions")
+        for row, (key, _) in enumerate(rows):
+            ax = axes[row, col]
+            if row < 3:
+                ax.plot(r["t"], r["ref"][:, row], "--", color="tab:orange", linewidth=1.2,
+                        label="reference (stitched, before limits)")
+            ax.plot(exact["t"], exact[key], color="0.55", linewidth=0.8,
+                    label="exact v/a limiter (fallback)")
             ax.plot(r["t"], r[key], color="tab:blue", linewidth=1.0,
-                    label="command (finite differences)")
+                    label="command: ruckig, jerk-limited (finite differences)")
             for t_s in r["seams"]:
                 ax.axvline(t_s, color="0.75", linestyle=":", linewidth=1)
             hold = r["holding"]
             if hold.any():
                 ax.fill_between(r["t"], 0, 1, where=hold, color="0.93",
                                 transform=ax.get_xaxis_transform(), label="hold")
-        for ax, lim in ((ax_v, VMAX), (ax_a, AMAX)):
-            ax.axhline(lim, color="tab:red", linewidth=0.8)
-            ax.axhline(-lim, color="tab:red", linewidth=0.8)
-        ax_q.set_title(strategy)
-        ax_a.set_xlabel("time [s]")
-    axes[0, 0].set_ylabel("position [rad]")
-    axes[1, 0].set_ylabel("velocity [rad/s]")
-    axes[2, 0].set_ylabel("acceleration [rad/s$^2$]")
+        for row, lim in ((1, VMAX), (2, AMAX), (3, JMAX)):
+            axes[row, col].axhline(lim, color="tab:red", linewidth=0.8)
+            axes[row, col].axhline(-lim, color="tab:red", linewidth=0.8)
+        axes[0, col].set_title(strategy)
+        axes[3, col].set_xlabel("time [s]")
+    for row, (_, label) in enumerate(rows):
+        axes[row, 0].set_ylabel(label)
     axes[2, 0].set_ylim(-1.3 * AMAX, 1.3 * AMAX)
+    axes[3, 0].set_ylim(-2.5 * JMAX, 2.5 * JMAX)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=5, frameon=False)
     fig.suptitle(f"one joint at {rate:g} Hz: chunks of 16 x 50 ms every 250 ms, {latency * 1e3:g} "
-                 f"ms latency (dotted: seams), |v| <= {VMAX:g} rad/s, |a| <= {AMAX:g} rad/s^2 "
-                 "(red); watchdog hold shaded")
+                 f"ms latency (dotted: seams); limits (red) |v| <= {VMAX:g} rad/s, "
+                 f"|a| <= {AMAX:g} rad/s^2, |j| <= {JMAX:g} rad/s^3; watchdog hold shaded",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     fig.savefig(path, dpi=100)
 
@@ -154,8 +166,9 @@ def main(argv=None):
         print(f"mean StreamingExecutor.tick, {TICK_COST_JOINTS} joints, 1 kHz, chunks of "
               "50 x 20 ms every 100 ms (10 overlapping), median of 3 runs of 5000 ticks:")
         for strategy in STRATEGIES:
-            cost = np.median([tick_cost(strategy) for _ in range(3)])
-            print(f"  {strategy:18s} {cost * 1e6:6.1f} us")
+            for jerk, label in ((None, "exact"), (JMAX * 10, "ruckig")):
+                cost = np.median([tick_cost(strategy, jerk_max=jerk) for _ in range(3)])
+                print(f"  {strategy:18s} {label:7s} {cost * 1e6:6.1f} us")
         return 0
     plot(args.output, args.rate, args.latency)
     return 0
