@@ -176,7 +176,7 @@ class Policy:
         # aligns as the next inference's prefix (``infer`` returns it as "actions_normalized"
         # when RTC is on).
         self.last_normalized: np.ndarray | None = None
-        self.device = getattr(model, "device", torch.device("cpu"))
+        self.device = model.device if model is not None else torch.device("cpu")
         self._max_batch, self._buckets, self._seed = int(max_batch), tuple(prompt_buckets), seed
         self.pipeline = bool(pipeline)  # two buffer slots for the pipelined protocol
         self._check_vocab()

@@ -48,6 +48,8 @@ def strings():
 class FakeModel:
     """Records the tensors it receives; returns a fixed normalized action chunk."""
 
+    device = torch.device("cpu")
+
     def __init__(self, actions: np.ndarray):
         self.actions = torch.from_numpy(actions)
         self.calls: list[dict] = []

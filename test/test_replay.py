@@ -3,7 +3,7 @@ parameter-file handling, errors, and the live player (subprocess, private ROS do
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -179,46 +179,53 @@ def test_errors_exit_2(demo, tmp_path, capsys):
         replay.main([str(demo["bag"]), "--output", str(tmp_path / "o")])  # no --config
 
 
-def test_live_mode_publishes_bag_with_clock(demo):
+@contextlib.contextmanager
+def _live_player(demo, *flags: str, depth: int = 100):
+    """``pi0-ros-replay BAG --live --clock --rate 3 --topics /joint_states FLAGS`` in a subprocess
+    on a fresh domain, and a listener recording /joint_states and /clock; yields (process,
+    joints, clocks, spin_once)."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import JointState
 
-    from ros_helpers import fresh_domain_id
+    from ros_helpers import fresh_domain_id, ros_env
 
     domain = fresh_domain_id()
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=domain)
     node = rclpy.create_node("live_listener", context=ctx)
     joints, clocks = [], []
-    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE)
     node.create_subscription(JointState, "/joint_states", joints.append, qos)
     node.create_subscription(Clock, "/clock", clocks.append, qos)
     executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pi0_ros.tools.replay", str(demo["bag"]), "--live", "--clock",
-         "--rate", "3", "--topics", "/joint_states", "--wait", "20"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         *flags, "--rate", "3", "--topics", "/joint_states", "--wait", "20"],
+        env=ros_env(domain), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + LIVE_TIMEOUT
-        while proc.poll() is None and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
-        for _ in range(20):
-            executor.spin_once(timeout_sec=0.05)
-        output = proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
-        assert proc.returncode == 0, output
+        yield proc, joints, clocks, lambda: executor.spin_once(timeout_sec=0.05)
     finally:
         if proc.poll() is None:
             proc.kill()
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+def test_live_mode_publishes_bag_with_clock(demo):
+    with _live_player(demo) as (proc, joints, clocks, spin_once):
+        deadline = time.monotonic() + LIVE_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            spin_once()
+        for _ in range(20):
+            spin_once()
+        output = proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
+        assert proc.returncode == 0, output
     expected = int(BAG_SECONDS * make_demo.DemoSpec.joint_rate) + 1
     assert len(joints) >= expected * 0.9, (len(joints), output)
     assert clocks, output
@@ -343,47 +350,17 @@ def test_live_loop_plays_again_with_the_clock_going_back(demo):
     pass); SIGINT ends it with status 0."""
     import signal
 
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from rosgraph_msgs.msg import Clock
-    from sensor_msgs.msg import JointState
-
-    from ros_helpers import fresh_domain_id
-
-    domain = fresh_domain_id()
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    node = rclpy.create_node("loop_listener", context=ctx)
-    joints, clocks = [], []
-    qos = QoSProfile(depth=2000, reliability=ReliabilityPolicy.RELIABLE)  # no drops when slow
-    node.create_subscription(JointState, "/joint_states", joints.append, qos)
-    node.create_subscription(Clock, "/clock", clocks.append, qos)
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pi0_ros.tools.replay", str(demo["bag"]), "--live", "--clock",
-         "--loop", "--rate", "3", "--topics", "/joint_states", "--wait", "20"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
     per_pass = int(BAG_SECONDS * make_demo.DemoSpec.joint_rate) + 1
-    try:
+    # a deep queue: no drops when the runner is slow
+    with _live_player(demo, "--loop", depth=2000) as (proc, joints, clocks, spin_once):
         deadline = time.monotonic() + LIVE_TIMEOUT
         while (proc.poll() is None and time.monotonic() < deadline
                and len(joints) < 1.5 * per_pass):
-            executor.spin_once(timeout_sec=0.05)
+            spin_once()
         assert proc.poll() is None, proc.communicate()[0]  # still playing after one pass
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=LIVE_TIMEOUT)[0]
         assert proc.returncode == 0, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
     assert len(joints) >= 1.5 * per_pass, (len(joints), output)
     assert "looping" in output
     stamps = [c.clock.sec * 10**9 + c.clock.nanosec for c in clocks]

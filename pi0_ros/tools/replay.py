@@ -216,6 +216,7 @@ class OfflineReplay:
         self.store = store
         self.ns = f"/{node_name.strip('/')}"
         self.progress = progress
+        self._msgs_built = _msgs_built()  # pi0_ros_msgs importable: its ActionChunk, else rosbags'
         self.n_inputs = len(config.cameras) + 1
         self.now = 0
         self.pipeline = PolicyPipeline(
@@ -293,7 +294,7 @@ class OfflineReplay:
 
         if self.writer is None:
             return
-        chunk_type = None if _msgs_built() else self._chunk_bytes
+        chunk_type = None if self._msgs_built else self._chunk_bytes
         msgs = outputs.chunk_messages(self.config, chunk, now_ns=at,
                                       model_name=self.pipeline.policy.model_name,
                                       rate_hz=self.pipeline.output_rate_hz(),
